@@ -1,0 +1,273 @@
+"""The agent API: presence, offers, messages, leave and wrap-up, over HTTP and a WebSocket.
+
+HTTP writes take an ``Idempotency-Key`` header (scoped by agent and route); WebSocket
+commands carry a ``client_id`` made by the desk and resent unchanged on retry. Either becomes
+the inbox dedupe key, so a retried command changes nothing twice. The same key with a
+different body is refused (422).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import structlog
+from aiohttp import WSMsgType, web
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from controller.api.common import Principal, authenticate, read_json, request_hash
+from controller.errors import ConvctlError, Forbidden, NotFound, RequestError
+from controller.ids import new_id
+from controller.keys import DESK, INBOX, METRICS, ROUTER, STORE
+from controller.models import NewEvent
+from controller.store.base import Accepted
+
+log = structlog.get_logger(__name__)
+
+_CLIENT_ID = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+
+class _Cmd(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    client_id: str | None = _CLIENT_ID
+
+
+class Presence(_Cmd):
+    type: Literal["presence"] = "presence"
+    presence: Literal["available", "busy", "away", "offline"]
+
+
+class Accept(_Cmd):
+    type: Literal["accept"] = "accept"
+    offer_id: str = Field(min_length=1, max_length=100)
+
+
+class Decline(_Cmd):
+    type: Literal["decline"] = "decline"
+    offer_id: str = Field(min_length=1, max_length=100)
+
+
+class SendMessage(_Cmd):
+    type: Literal["message"] = "message"
+    conversation_id: str = Field(min_length=1, max_length=100)
+    text: str = Field(min_length=1, max_length=4096)
+
+
+class Leave(_Cmd):
+    type: Literal["leave"] = "leave"
+    conversation_id: str = Field(min_length=1, max_length=100)
+    reason: str = Field("left", max_length=100)
+
+
+class WrapUp(_Cmd):
+    type: Literal["wrap_up"] = "wrap_up"
+    conversation_id: str = Field(min_length=1, max_length=100)
+    disposition: str = Field(min_length=1, max_length=100)
+
+
+Command = Annotated[
+    Presence | Accept | Decline | SendMessage | Leave | WrapUp, Field(discriminator="type")
+]
+_COMMAND = TypeAdapter(Command)
+
+
+async def run_command(
+    app: web.Application, agent_id: str, cmd: Command, key: str | None
+) -> dict[str, Any]:
+    """Carry out one agent command; ``key`` is its dedupe key (None: no dedupe possible)."""
+    router = app[ROUTER]
+    if isinstance(cmd, Presence):
+        await router.set_presence(agent_id, cmd.presence)
+        return {"presence": cmd.presence}
+    if isinstance(cmd, Accept):
+        return _accepted(await router.accept(agent_id, cmd.offer_id))
+    if isinstance(cmd, Decline):
+        return _accepted(await router.decline(agent_id, cmd.offer_id))
+    conv = await app[STORE].load_conversation(cmd.conversation_id)
+    if conv is None:
+        raise NotFound(f"unknown conversation {cmd.conversation_id!r}", code="unknown_conversation")
+    if conv.find("agent", agent_id) is None:
+        raise Forbidden("you are not in this conversation", code="not_a_participant")
+    data: dict[str, Any] = {"agent_id": agent_id, "request_hash": request_hash(cmd)}
+    if isinstance(cmd, SendMessage):
+        kind, data["text"] = "agent.message", cmd.text
+    elif isinstance(cmd, Leave):
+        kind, data["reason"] = "agent.left", cmd.reason
+    else:
+        kind, data["disposition"] = "agent.wrap_up_done", cmd.disposition
+    event = NewEvent(
+        type=kind,  # type: ignore[arg-type]
+        source=f"agent:{agent_id}",
+        dedupe_key=key or new_id("nokey"),
+        conversation_id=conv.id,
+        data=data,
+    )
+    accepted = (await app[INBOX].submit([event]))[0]
+    if accepted.duplicate:
+        original = await app[STORE].event(accepted.event_id)
+        if original is not None and original.data.get("request_hash") != data["request_hash"]:
+            raise RequestError(
+                "this idempotency key was used with a different request",
+                code="idempotency_key_reused",
+                status=422,
+            )
+    return _accepted(accepted)
+
+
+def _accepted(a: Accepted) -> dict[str, Any]:
+    return {
+        "event_id": a.event_id,
+        "conversation_id": a.conversation_id,
+        "seq": a.seq,
+        "duplicate": a.duplicate,
+    }
+
+
+def _http_key(request: web.Request, principal: Principal) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200:
+        raise RequestError(
+            "Idempotency-Key must be 1 to 200 characters", code="bad_idempotency_key"
+        )
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource else ""
+    return f"{route}:{key}"
+
+
+async def _agent(request: web.Request) -> Principal:
+    principal = await authenticate(request, "agent")
+    if not request.app[ROUTER].agent_known(principal.subject):
+        raise Forbidden("the token's agent does not exist", code="unknown_agent")
+    return principal
+
+
+async def me(request: web.Request) -> web.Response:
+    principal = await _agent(request)
+    return web.json_response(request.app[ROUTER].agent_view(principal.subject))
+
+
+async def presence(request: web.Request) -> web.Response:
+    principal = await _agent(request)
+    body = await read_json(request, Presence)
+    return web.json_response(await run_command(request.app, principal.subject, body, None))
+
+
+async def accept(request: web.Request) -> web.Response:
+    principal = await _agent(request)
+    cmd = Accept(offer_id=request.match_info["offer_id"])
+    return web.json_response(await run_command(request.app, principal.subject, cmd, None))
+
+
+async def decline(request: web.Request) -> web.Response:
+    principal = await _agent(request)
+    cmd = Decline(offer_id=request.match_info["offer_id"])
+    return web.json_response(await run_command(request.app, principal.subject, cmd, None))
+
+
+class _MessageBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=4096)
+
+
+class _LeaveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("left", max_length=100)
+
+
+class _WrapUpBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    disposition: str = Field(min_length=1, max_length=100)
+
+
+async def post_message(request: web.Request) -> web.Response:
+    principal = await _agent(request)
+    body = await read_json(request, _MessageBody)
+    cmd = SendMessage(conversation_id=request.match_info["conversation_id"], text=body.text)
+    result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
+    return web.json_response(result, status=200 if result["duplicate"] else 202)
+
+
+async def leave(request: web.Request) -> web.Response:
+    principal = await _agent(request)
+    body = await read_json(request, _LeaveBody) if request.can_read_body else _LeaveBody()
+    cmd = Leave(conversation_id=request.match_info["conversation_id"], reason=body.reason)
+    result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
+    return web.json_response(result, status=200 if result["duplicate"] else 202)
+
+
+async def wrap_up(request: web.Request) -> web.Response:
+    principal = await _agent(request)
+    body = await read_json(request, _WrapUpBody)
+    cmd = WrapUp(
+        conversation_id=request.match_info["conversation_id"], disposition=body.disposition
+    )
+    result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
+    return web.json_response(result, status=200 if result["duplicate"] else 202)
+
+
+async def desk_socket(request: web.Request) -> web.WebSocketResponse:
+    """The desk's WebSocket: pushes offers and messages, takes commands with client ids."""
+    principal = await authenticate(request, "agent", token=request.query.get("token", ""))
+    agent_id = principal.subject
+    router = request.app[ROUTER]
+    if not router.agent_known(agent_id):
+        raise Forbidden("the token's agent does not exist", code="unknown_agent")
+    hub = request.app[DESK]
+    metrics = request.app[METRICS]
+    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=64 * 1024)
+    await ws.prepare(request)
+    hub.add(agent_id, ws)
+    metrics.websockets.labels("desk").inc()
+    try:
+        await ws.send_json({"type": "hello", "agent": router.agent_view(agent_id)})
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                continue
+            await _on_command(request.app, ws, agent_id, msg.data)
+    finally:
+        hub.remove(agent_id, ws)
+        metrics.websockets.labels("desk").dec()
+    return ws
+
+
+async def _on_command(
+    app: web.Application, ws: web.WebSocketResponse, agent_id: str, data: str
+) -> None:
+    client_id = None
+    try:
+        raw = json.loads(data)
+        if isinstance(raw, dict) and isinstance(raw.get("client_id"), str):
+            client_id = raw["client_id"]
+        cmd = _COMMAND.validate_python(raw)
+        key = f"ws:{cmd.client_id}" if cmd.client_id else None
+        result = await run_command(app, agent_id, cmd, key)
+        await ws.send_json({"type": "ack", "client_id": client_id, **result})
+    except (json.JSONDecodeError, ValidationError) as exc:
+        log.info("desk_bad_frame", error=str(exc)[:200])
+        await ws.send_json(
+            {
+                "type": "error",
+                "client_id": client_id,
+                "code": "bad_frame",
+                "message": str(exc)[:500],
+            }
+        )
+    except ConvctlError as exc:
+        log.info("desk_command_refused", code=exc.code, reason=exc.message)
+        await ws.send_json(
+            {"type": "error", "client_id": client_id, "code": exc.code, "message": exc.message}
+        )
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/api/v1/agents/me", me),
+        web.put("/api/v1/agents/me/presence", presence),
+        web.get("/api/v1/agents/ws", desk_socket),
+        web.post("/api/v1/offers/{offer_id}/accept", accept),
+        web.post("/api/v1/offers/{offer_id}/decline", decline),
+        web.post("/api/v1/conversations/{conversation_id}/messages", post_message),
+        web.post("/api/v1/conversations/{conversation_id}/leave", leave),
+        web.post("/api/v1/conversations/{conversation_id}/wrap-up", wrap_up),
+    ]

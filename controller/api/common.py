@@ -1,0 +1,112 @@
+"""Shared pieces of the HTTP surface: JSON errors, body parsing, authentication."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from controller.errors import ConvctlError, Forbidden, RequestError, Unauthorized
+from controller.keys import METRICS, STORE
+
+log = structlog.get_logger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(status: int, code: str, message: str, **extra: object) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a JSON error with a machine-readable code, and a log line."""
+    try:
+        return await handler(request)
+    except ConvctlError as exc:
+        status = exc.status if 400 <= exc.status < 600 else 500
+        _count(request, status, exc.code)
+        log.info(
+            "request_refused", path=request.path, status=status, code=exc.code, reason=exc.message
+        )
+        extra = {"errors": exc.errors} if hasattr(exc, "errors") else {}
+        return error_body(status, exc.code, exc.message, **extra)  # type: ignore[arg-type]
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        _count(request, exc.status, code)
+        log.info("request_refused", path=request.path, status=exc.status, code=code)
+        return error_body(exc.status, code, exc.text or exc.reason)
+    except Exception:
+        log.exception("request_failed", path=request.path)
+        _count(request, 500, "internal")
+        return error_body(500, "internal", "internal error")
+
+
+def _count(request: web.Request, status: int, code: str) -> None:
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.http_errors.labels(str(status), code).inc()
+
+
+async def read_json(request: web.Request, model: type[M]) -> M:
+    """Parse and validate a JSON body; 400 for bad JSON, 422 for a wrong shape, 413 if huge."""
+    if request.content_type != "application/json":
+        raise RequestError(
+            "send a JSON body (Content-Type: application/json)",
+            code="unsupported_media_type",
+            status=415,
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise RequestError("request body too large", code="too_large", status=413) from exc
+    try:
+        data = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"malformed JSON: {exc}", code="malformed_json") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise RequestError(f"invalid body: {details}", code="invalid_body", status=422) from exc
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: str  # admin, agent, app, crm
+    subject: str
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def authenticate(request: web.Request, *roles: str, token: str | None = None) -> Principal:
+    """The caller's principal from ``Authorization: Bearer`` (or ``token`` for WebSockets)."""
+    if token is None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthorized()
+    found = await request.app[STORE].token(hash_token(token.strip()))
+    if found is None:
+        raise Unauthorized()
+    principal = Principal(*found)
+    if roles and principal.role not in roles:
+        raise Forbidden(f"this route needs the role {' or '.join(roles)}", code="wrong_role")
+    return principal
+
+
+def request_hash(body: BaseModel) -> str:
+    return hashlib.sha256(body.model_dump_json().encode()).hexdigest()[:32]

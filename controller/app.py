@@ -1,0 +1,347 @@
+"""The application factory: ``create_app(settings)`` wires every part; ``convctl serve`` runs it.
+
+Each long-lived resource is one ``cleanup_ctx`` generator: set up, yield, tear down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from connectors.base import (
+    Bot,
+    BotRequest,
+    Channel,
+    Connector,
+    ConnectorContext,
+    OutboundMessage,
+    build_connector,
+    connector_types,
+)
+from controller.api import admin, agents, conversations, health
+from controller.api.common import errors_middleware, hash_token
+from controller.api.desk import DeskHub
+from controller.clock import Clock, SystemClock
+from controller.errors import BotError, ConfigError
+from controller.inbox import Inbox
+from controller.keys import (
+    BOTS,
+    CHANNELS,
+    CLOCK,
+    CONNECTOR_CONTEXT,
+    DESK,
+    DISPATCHER,
+    HTTP,
+    INBOX,
+    METRICS,
+    READY,
+    ROUTER,
+    RULES,
+    SETTINGS,
+    STORE,
+    TIMERS,
+    WORKERS,
+)
+from controller.metrics import Metrics
+from controller.models import NewEvent
+from controller.outbox import Dispatcher
+from controller.router import Router
+from controller.rules import RulebookHolder
+from controller.settings import AgentSeed, Settings
+from controller.store.base import Accepted, OutboxRow
+from controller.store.sqlite import SqliteStore
+from controller.timers import Timers
+from controller.worker import Workers
+
+log = structlog.get_logger(__name__)
+
+DEMO_AGENTS = (AgentSeed(id="alice", name="Alice"), AgentSeed(id="bob", name="Bob"))
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[CLOCK] = clock or SystemClock()
+    app[METRICS] = Metrics()
+    app[READY] = {"ready": False}
+    app[DESK] = DeskHub()
+    app.router.add_routes(health.routes())
+    app.router.add_routes(agents.routes())
+    app.router.add_routes(conversations.routes())
+    app.router.add_routes(admin.routes())
+    app.router.add_get("/", _index)
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.append(_connectors_ctx)
+    app.cleanup_ctx.append(_running_ctx)
+    _add_connector_routes(app)
+    return app
+
+
+async def _index(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"service": "convctl", "webchat": "/webchat", "docs": "README.md", "health": "/healthz"}
+    )
+
+
+# connectors are built before start so their routes can be added to the router --------------
+def _add_connector_routes(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    types = connector_types()
+    channels: dict[str, Channel] = {}
+    bots: dict[str, Bot] = {}
+    context = ConnectorContext(
+        submit=lambda events: _submit(app, events),
+        clock=app[CLOCK],
+        session_secret=settings.session_secret,
+        allowed_origins=settings.allowed_origins,
+        service={"history": lambda i, e, v: _history(app, i, e, v), "metrics": app[METRICS]},
+    )
+    app[CONNECTOR_CONTEXT] = context
+    seen: set[str] = set()
+    for inst in settings.connectors:
+        if inst.name in seen:
+            raise ConfigError(f"connector name {inst.name!r} is used twice")
+        seen.add(inst.name)
+        connector = build_connector(inst.name, inst.type, inst.settings, context, types)
+        if isinstance(connector, Channel):
+            channels[inst.name] = connector
+        elif isinstance(connector, Bot):
+            bots[inst.name] = connector
+        app.router.add_routes(connector.routes())
+    app[CHANNELS] = channels
+    app[BOTS] = bots
+
+
+async def _submit(app: web.Application, events: Sequence[NewEvent]) -> list[Accepted]:
+    return await app[INBOX].submit(events)
+
+
+async def _history(
+    app: web.Application, instance: str, endpoint: str, identity: str
+) -> dict[str, Any]:
+    store = app[STORE]
+    cid = await store.latest_conversation_id(instance, endpoint, identity)
+    if cid is None:
+        return {"conversation_id": None, "open": False, "messages": []}
+    conv = await store.load_conversation(cid)
+    messages = await store.messages(cid, include_agent_only=False)
+    return {
+        "conversation_id": cid,
+        "open": conv is not None and conv.state != "closed",
+        "state": conv.state if conv else None,
+        "customer_present": conv.customer_present if conv else False,
+        "messages": [
+            {"id": m.id, "from": m.sender_role, "text": m.text, "at": m.created_at.isoformat()}
+            for m in messages
+        ],
+    }
+
+
+# lifecycles ---------------------------------------------------------------------------------
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = SqliteStore(settings.database_path, synchronous=settings.sqlite_synchronous)
+    await store.open()
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, store, clock, metrics = app[SETTINGS], app[STORE], app[CLOCK], app[METRICS]
+    rules = RulebookHolder(
+        settings.resolved_rules_dir(),
+        settings.rule_settings(),
+        matcher=settings.matcher,
+        default_language=settings.default_language,
+    )
+    app[RULES] = rules
+    workers = Workers(
+        store,
+        rules.current,
+        metrics=metrics,
+        timezone=settings.timezone,
+        concurrency=settings.workers,
+        matcher=settings.matcher,
+    )
+    app[WORKERS] = workers
+    app[INBOX] = Inbox(store, clock, metrics, workers.notify)
+    dispatcher = Dispatcher(
+        store,
+        clock,
+        metrics,
+        max_attempts=settings.outbox_max_attempts,
+        backoff_base=settings.outbox_backoff_base,
+        backoff_max=settings.outbox_backoff_max,
+    )
+    app[DISPATCHER] = dispatcher
+    timers = Timers(store, clock, metrics, workers.notify)
+    app[TIMERS] = timers
+    router = Router(store, clock, metrics, workers.notify, offer_timeout=settings.timeouts.offer)
+    router.set_push(app[DESK].push)
+    app[ROUTER] = router
+    workers.on_commit(dispatcher.wake)
+    workers.on_commit(timers.after_commit)
+    workers.on_commit(router.after_commit)
+    yield
+    await workers.stop()
+    await dispatcher.stop()
+    await timers.stop()
+    await router.stop()
+    rules.close()
+
+
+async def _connectors_ctx(app: web.Application) -> AsyncIterator[None]:
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+    app[HTTP] = session
+    app[CONNECTOR_CONTEXT].http = session
+    dispatcher = app[DISPATCHER]
+    dispatcher.register("channel", lambda row: _deliver_channel(app, row))
+    dispatcher.register(
+        "bot",
+        lambda row: _deliver_bot(app, row),
+        on_dead=lambda row, err: _bot_failed(app, row, err),
+    )
+    dispatcher.register("desk", lambda row: _deliver_desk(app, row))
+    started: list[Connector] = []
+    connectors: list[Connector] = [*app[CHANNELS].values(), *app[BOTS].values()]
+    for connector in connectors:
+        await connector.start()
+        started.append(connector)
+    yield
+    await app[DESK].close_all()
+    for connector in reversed(started):
+        await connector.stop()
+    await session.close()
+
+
+async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, store, router = app[SETTINGS], app[STORE], app[ROUTER]
+    now = app[CLOCK].now()
+    seeds = list(settings.agents) or (list(DEMO_AGENTS) if settings.profile == "dev" else [])
+    for seed in seeds:
+        await admin.ensure_agent(app, admin.AgentBody(**seed.model_dump()))
+    if settings.admin_token:
+        await store.put_token(hash_token(settings.admin_token), "admin", "admin", now)
+    if settings.agent_token and seeds:
+        await store.put_token(hash_token(settings.agent_token), "agent", seeds[0].id, now)
+    await router.start()
+    timers = await app[TIMERS].start()
+    pending = await app[WORKERS].recover()
+    app[DISPATCHER].start()
+    app[READY].update(
+        ready=True,
+        timers=timers,
+        recovered_conversations=pending,
+        rules_version=app[RULES].current().version,
+    )
+    log.info(
+        "ready",
+        timers=timers,
+        recovered_conversations=pending,
+        rules_version=app[RULES].current().version,
+    )
+    yield
+    app[READY]["ready"] = False
+
+
+# outbox deliveries ---------------------------------------------------------------------------
+async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
+    instance = row.destination.split(":", 1)[1]
+    channel = app[CHANNELS].get(instance)
+    if channel is None:
+        raise ConfigError(f"no channel instance {instance!r}")
+    await channel.send(
+        OutboundMessage(
+            conversation_id=row.conversation_id,
+            endpoint=str(row.payload.get("endpoint", "")),
+            identity=str(row.payload.get("identity", "")),
+            message=dict(row.payload["message"]),
+            idempotency_key=row.idempotency_key,
+        )
+    )
+
+
+async def _deliver_bot(app: web.Application, row: OutboxRow) -> None:
+    name = row.destination.split(":", 1)[1]
+    bot = app[BOTS].get(name)
+    if bot is None:
+        raise BotError(f"no bot instance {name!r}", retryable=False)
+    p = row.payload
+    reply = await bot.ask(
+        BotRequest(
+            conversation_id=row.conversation_id,
+            text=str(p.get("text", "")),
+            language=str(p.get("language", "en")),
+            mode=str(p.get("mode", "direct")),
+            reply_to_seq=int(p.get("reply_to_seq", 0)),
+            idempotency_key=row.idempotency_key,
+        )
+    )
+    source = f"bot:{name}"
+    common = {
+        "bot": name,
+        "intent": reply.intent,
+        "confidence": reply.confidence,
+        "slots": reply.slots,
+        "reply_to_seq": p.get("reply_to_seq"),
+    }
+    events = [
+        NewEvent(
+            type="bot.message",
+            source=source,
+            dedupe_key=f"{row.idempotency_key}:{i}",
+            conversation_id=row.conversation_id,
+            data={**common, "text": text},
+        )
+        for i, text in enumerate(reply.messages)
+    ]
+    if p.get("mode") == "direct":
+        for flag, kind in ((reply.handoff, "bot.handoff"), (reply.ended, "bot.ended")):
+            if flag:
+                events.append(
+                    NewEvent(
+                        type=kind,  # type: ignore[arg-type]
+                        source=source,
+                        dedupe_key=f"{row.idempotency_key}:{kind}",
+                        conversation_id=row.conversation_id,
+                        data=common,
+                    )
+                )
+    if events:
+        await app[INBOX].submit(events)
+
+
+async def _bot_failed(app: web.Application, row: OutboxRow, error: str) -> None:
+    name = row.destination.split(":", 1)[1]
+    await app[INBOX].submit(
+        [
+            NewEvent(
+                type="bot.failed",
+                source=f"bot:{name}",
+                dedupe_key=f"{row.idempotency_key}:failed",
+                conversation_id=row.conversation_id,
+                data={
+                    "bot": name,
+                    "reason": error[:500],
+                    "reply_to_seq": row.payload.get("reply_to_seq"),
+                },
+            )
+        ]
+    )
+
+
+async def _deliver_desk(app: web.Application, row: OutboxRow) -> None:
+    hub = app[DESK]
+    frame = {
+        "type": row.payload.get("kind", "message"),
+        "conversation_id": row.conversation_id,
+        "message": row.payload.get("message"),
+    }
+    for agent_id in row.payload.get("agents", []):
+        await hub.push(str(agent_id), frame)

@@ -1,0 +1,124 @@
+"""The ``convctl`` command: serve, migrate, rules check, tokens create."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+
+from controller.errors import ConfigError, RuleError
+from controller.logs import configure_logging
+from controller.settings import Settings, ensure_secrets, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="convctl", description="rule-driven conversation controller"
+    )
+    parser.add_argument("--config", help="settings YAML file (or CONVCTL_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the service")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    sub.add_parser("migrate", help="create or upgrade the database schema")
+    rules = sub.add_parser("rules", help="work with rule files")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="validate rule files")
+    check.add_argument(
+        "path", nargs="?", help="a rules folder or file (default: the configured one)"
+    )
+    tokens = sub.add_parser("tokens", help="API tokens")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_sub.add_parser("create", help="create a token and print it once")
+    create.add_argument("--role", required=True, choices=["admin", "agent", "app", "crm"])
+    create.add_argument("--subject", required=True)
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        if args.command == "serve":
+            overrides = {
+                k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None
+            }
+            return _serve(settings.model_copy(update=overrides))
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings))
+        if args.command == "rules":
+            return _rules_check(settings, args.path)
+        if args.command == "tokens":
+            return asyncio.run(_create_token(settings, args.role, args.subject))
+    except (ConfigError, RuleError) as exc:
+        for line in getattr(exc, "errors", None) or [exc.message]:
+            print(f"convctl: {line}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _serve(settings: Settings) -> int:
+    configure_logging(settings.log_level, json=settings.log_json)
+    settings, generated = ensure_secrets(settings)
+    from controller.app import create_app  # imported late: settings errors print first
+
+    app = create_app(settings)
+    if settings.profile == "dev":
+        base = f"http://{settings.host}:{settings.port}"
+        print(
+            f"convctl (dev profile) on {base}\n"
+            f"  web chat:    {base}/webchat\n"
+            f"  admin token: {settings.admin_token}\n"
+            f"  agent token: {settings.agent_token} (agent 'alice')\n"
+            f"  secrets are kept in {settings.data_dir / 'secrets.json'}"
+            + (" (just generated)" if generated else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    return 0
+
+
+async def _migrate(settings: Settings) -> int:
+    from controller.store.sqlite import SqliteStore
+
+    store = SqliteStore(settings.database_path, synchronous=settings.sqlite_synchronous)
+    await store.open()
+    await store.close()
+    print(f"schema is up to date in {settings.database_path}")
+    return 0
+
+
+def _rules_check(settings: Settings, path: str | None) -> int:
+    from controller.rulebook import Rulebook
+
+    target = Path(path) if path else settings.resolved_rules_dir()
+    book = Rulebook.load(
+        target,
+        settings=settings.rule_settings(),
+        matcher="reference",
+        default_language=settings.default_language,
+    )
+    print(f"{target}: {len(book.rules)} rules, version {book.version}: ok")
+    book.close()
+    return 0
+
+
+async def _create_token(settings: Settings, role: str, subject: str) -> int:
+    from controller.api.common import hash_token
+    from controller.store.sqlite import SqliteStore
+
+    store = SqliteStore(settings.database_path, synchronous=settings.sqlite_synchronous)
+    await store.open()
+    try:
+        token = secrets.token_urlsafe(32)
+        await store.put_token(hash_token(token), role, subject, datetime.now(UTC))
+    finally:
+        await store.close()
+    print(token)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

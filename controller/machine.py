@@ -1,0 +1,536 @@
+"""The conversation state machine and ``apply``: event + fired rules → the next snapshot.
+
+``apply`` is pure: no I/O, no awaits, no clock other than the event's accepted time. It
+returns a DecisionRecord that the worker commits in one transaction. One ConversationMachine
+object is bound to a small holder and reused for every conversation (building one per event
+costs more than the HTTP request; see notes/python-statemachine.md).
+
+``closed`` is final. Reaching a final state stops python-statemachine's engine for good, so
+the machine object is rebuilt after a conversation closes (once per conversation lifetime).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from statemachine import State, StateMachine
+from statemachine.exceptions import TransitionNotAllowed
+
+from controller.models import (
+    Action,
+    Assign,
+    CancelTimer,
+    Close,
+    Conversation,
+    Event,
+    InviteBot,
+    Label,
+    NewEvent,
+    Participant,
+    RemoveParticipant,
+    Route,
+    Send,
+    SetAttributes,
+    SetBotMode,
+    StartTimer,
+    Stop,
+    TimerRef,
+    Transfer,
+    Unlabel,
+    Whisper,
+)
+from controller.rulebook import FiredRule
+from controller.store.base import DecisionRecord, Message, NewOutbox, TimerOp
+
+log = structlog.get_logger(__name__)
+
+
+class _Holder:
+    """What the machine is bound to: the state value and the guard inputs."""
+
+    def __init__(self) -> None:
+        self.state: str = "new"
+        self.handled_by_agent = False
+
+
+class ConversationMachine(StateMachine):
+    """States and guarded transitions of a conversation (see docs/architecture.md)."""
+
+    new = State(initial=True)
+    bot = State()
+    queued = State()
+    agent = State()
+    wrap_up = State()
+    closed = State(final=True)
+
+    invite_bot = new.to(bot) | queued.to(bot)
+    route = new.to(queued) | bot.to(queued) | agent.to(queued) | queued.to(queued)
+    accept = queued.to(agent)
+    assign = new.to(agent) | bot.to(agent) | queued.to(agent) | agent.to(agent)
+    transfer_to_queue = agent.to(queued)
+    transfer_to_agent = agent.to(agent)
+    close = (
+        new.to(wrap_up, cond="handled_by_agent")
+        | new.to(closed)
+        | bot.to(wrap_up, cond="handled_by_agent")
+        | bot.to(closed)
+        | queued.to(wrap_up, cond="handled_by_agent")
+        | queued.to(closed)
+        | agent.to(wrap_up)
+        | wrap_up.to(closed)
+    )
+    finish_wrap_up = wrap_up.to(closed)
+
+
+class Refused(Exception):
+    """An action or event that the conversation's state does not allow."""
+
+
+@dataclass
+class _Work:
+    conv: Conversation
+    event: Event
+    now: datetime
+    record: DecisionRecord
+    bot_mode_kept: bool = False
+    route_or_close: bool = False
+    seq: int = 0
+    released: set[str] = field(default_factory=set)
+    assigned: set[str] = field(default_factory=set)
+
+    def next_id(self) -> str:
+        self.seq += 1
+        return f"{self.event.id}.{self.seq}"
+
+
+class Decider:
+    """Applies events and rule actions to snapshots through one rebindable machine."""
+
+    def __init__(self) -> None:
+        self._holder = _Holder()
+        self._machine = ConversationMachine(model=self._holder)
+
+    def transition(self, conv: Conversation, trigger: str) -> None:
+        """Fire a machine trigger for ``conv``; raises Refused when not allowed."""
+        holder = self._holder
+        holder.state = conv.state
+        holder.handled_by_agent = conv.handled_by_agent
+        try:
+            self._machine.send(trigger)
+        except TransitionNotAllowed as exc:
+            raise Refused(f"{trigger} is not allowed in state {conv.state}") from exc
+        conv.state = holder.state  # type: ignore[assignment]
+        if self._machine.is_terminated:
+            self._machine = ConversationMachine(model=self._holder)
+
+    def apply(
+        self,
+        snapshot: Conversation,
+        event: Event,
+        fired: Sequence[FiredRule],
+        *,
+        rules_version: str,
+        matcher: str,
+    ) -> DecisionRecord:
+        conv = snapshot.model_copy(deep=True)
+        now = event.accepted_at
+        work = _Work(
+            conv=conv,
+            event=event,
+            now=now,
+            record=DecisionRecord(
+                event=event,
+                before_version=snapshot.version,
+                after=conv,
+                rules_version=rules_version,
+                matcher=matcher,
+            ),
+        )
+        try:
+            self._apply_event(work)
+        except Refused as exc:
+            work.record.refused.append(
+                {"rule": None, "action": f"event:{event.type}", "reason": str(exc)}
+            )
+        for fired_rule in fired:
+            work.record.fired.append(
+                {
+                    "rule": fired_rule.rule,
+                    "actions": [a.model_dump(mode="json") for a in fired_rule.actions],
+                }
+            )
+            for action in fired_rule.actions:
+                try:
+                    self._apply_action(work, action)
+                except Refused as exc:
+                    log.warning(
+                        "action_refused",
+                        rule=fired_rule.rule,
+                        action=action.kind,
+                        reason=str(exc),
+                        state=conv.state,
+                    )
+                    work.record.refused.append(
+                        {"rule": fired_rule.rule, "action": action.kind, "reason": str(exc)}
+                    )
+        self._check_attended(work)
+        if conv.state == "closed":
+            work.record.timers = [op for op in work.record.timers if op.due_at is None]
+            conv.timers = {}
+        work.record.released_agents = sorted(work.released - work.assigned)
+        work.record.assigned_agents = sorted(work.assigned)
+        return work.record
+
+    def unchanged(
+        self, snapshot: Conversation, event: Event, *, rules_version: str, outcome: str
+    ) -> DecisionRecord:
+        """A record that changes nothing: a stale timer, or a decision that failed."""
+        return DecisionRecord(
+            event=event,
+            before_version=snapshot.version,
+            after=snapshot.model_copy(deep=True),
+            rules_version=rules_version,
+            matcher="none",
+            outcome=outcome,
+        )
+
+    # events --------------------------------------------------------------------------------
+    def _apply_event(self, w: _Work) -> None:
+        conv, ev, data = w.conv, w.event, w.event.data
+        kind = ev.type
+        conv.last_activity_at = w.now
+        if kind == "customer.message":
+            self._customer_present(w, True)
+            conv.last_customer_message_at = w.now
+            text = str(data.get("text", ""))
+            self._transcript(w, "customer", conv.customer_id, text)
+            for p in conv.participants:
+                if p.role == "bot":
+                    self._outbox(
+                        w,
+                        f"bot:{p.id}",
+                        {
+                            "bot": p.id,
+                            "mode": p.mode,
+                            "text": text,
+                            "reply_to_seq": ev.seq,
+                            "language": conv.language,
+                        },
+                    )
+            self._to_agents(w, "message", "customer", conv.customer_id, text, message_id=None)
+        elif kind == "customer.disconnected":
+            self._customer_present(w, False)
+        elif kind == "customer.returned":
+            self._customer_present(w, True)
+        elif kind == "bot.message":
+            bot = conv.find("bot", str(data.get("bot", "")))
+            if bot is None:
+                raise Refused("the bot is no longer in the conversation; its reply is dropped")
+            text = str(data.get("text", ""))
+            if bot.mode == "direct" and bot.primary:
+                msg = self._transcript(w, "bot", bot.id, text)
+                self._to_customer(w, msg)
+                self._to_agents(w, "message", "bot", bot.id, text, message_id=msg.id)
+            else:
+                self._to_agents(w, "suggestion", "bot", bot.id, text, message_id=None)
+        elif kind == "agent.accepted":
+            agent_id = str(data.get("agent_id"))
+            try:
+                self.transition(conv, "accept")
+            except Refused:
+                w.released.add(agent_id)
+                raise
+            self._add_agent(w, agent_id, primary=True)
+        elif kind == "agent.message":
+            agent_id = str(data.get("agent_id"))
+            if conv.find("agent", agent_id) is None:
+                raise Refused(f"agent {agent_id} is not in the conversation")
+            msg = self._transcript(w, "agent", agent_id, str(data.get("text", "")))
+            self._to_customer(w, msg)
+            self._to_agents(
+                w, "message", "agent", agent_id, msg.text, message_id=msg.id, exclude=agent_id
+            )
+        elif kind == "agent.left":
+            self._remove(w, "agent", str(data.get("agent_id")), emit=False)
+        elif kind == "agent.disconnected":
+            gone = conv.find("agent", str(data.get("agent_id")))
+            if gone is not None:
+                gone.present = False
+        elif kind == "agent.wrap_up_done":
+            conv.attributes["disposition"] = data.get("disposition")
+            self.transition(conv, "finish_wrap_up")
+            self._release_all(w)
+        elif kind == "timer.fired":
+            conv.timers.pop(str(data.get("name")), None)
+
+    # actions -------------------------------------------------------------------------------
+    def _apply_action(self, w: _Work, action: Action) -> None:
+        conv = w.conv
+        if conv.state == "closed" and not isinstance(action, Stop):
+            raise Refused("the conversation is closed")
+        if isinstance(action, InviteBot):
+            if conv.find("bot", action.bot) is not None:
+                raise Refused(f"bot {action.bot} is already in the conversation")
+            if action.mode == "direct":
+                self.transition(conv, "invite_bot")
+            conv.participants.append(
+                Participant(
+                    role="bot",
+                    id=action.bot,
+                    mode=action.mode,
+                    primary=action.mode == "direct",
+                    joined_at=w.now,
+                )
+            )
+        elif isinstance(action, SetBotMode):
+            bots = [p for p in conv.participants if p.role == "bot"]
+            if action.bot is not None:
+                bots = [p for p in bots if p.id == action.bot]
+            if not bots:
+                raise Refused("no bot in the conversation")
+            for p in bots:
+                p.mode = action.mode
+                p.primary = action.mode == "direct" and conv.state == "bot"
+            w.bot_mode_kept = action.mode == "assist"
+        elif isinstance(action, RemoveParticipant):
+            targets = [
+                p
+                for p in conv.participants
+                if p.role == action.role and (action.id is None or p.id == action.id)
+            ]
+            if not targets:
+                raise Refused(f"no {action.role} to remove")
+            for p in targets:
+                self._remove(w, p.role, p.id, emit=True, reason=action.reason)
+        elif isinstance(action, Route):
+            self.transition(conv, "route")
+            self._leave_for_queue(w)
+            was_queued_here = conv.queue == action.queue and conv.enqueued_at is not None
+            conv.queue = action.queue
+            conv.priority = action.priority
+            conv.skills = list(action.skills)
+            if not was_queued_here:
+                conv.enqueued_at = w.now
+            w.route_or_close = True
+        elif isinstance(action, Assign):
+            self.transition(conv, "assign")
+            self._drop_direct_bot(w)
+            self._add_agent(w, action.agent, primary=conv.primary is None)
+            w.assigned.add(action.agent)
+        elif isinstance(action, Transfer):
+            if action.queue is not None:
+                self.transition(conv, "transfer_to_queue")
+                self._leave_for_queue(w)
+                conv.queue = action.queue
+                conv.enqueued_at = w.now
+            elif action.agent is not None:
+                self.transition(conv, "transfer_to_agent")
+                for p in list(conv.participants):
+                    if p.role == "agent" and p.primary:
+                        self._remove(w, "agent", p.id, emit=True, reason="transferred")
+                self._add_agent(w, action.agent, primary=True)
+                w.assigned.add(action.agent)
+            else:
+                raise Refused("transfer needs a queue or an agent")
+            w.route_or_close = True
+        elif isinstance(action, Send):
+            if action.to == "customer":
+                msg = self._transcript(w, "controller", "controller", action.text)
+                self._to_customer(w, msg)
+                self._to_agents(
+                    w, "message", "controller", "controller", action.text, message_id=msg.id
+                )
+            else:
+                self._to_agents(
+                    w, "system", "controller", "controller", action.text, message_id=None
+                )
+        elif isinstance(action, Whisper):
+            self._to_agents(w, "whisper", "controller", "controller", action.text, message_id=None)
+        elif isinstance(action, StartTimer):
+            generation = conv.timer_generations.get(action.name, 0) + 1
+            due = w.now + timedelta(seconds=action.after)
+            conv.timers[action.name] = TimerRef(generation=generation, due_at=due)
+            conv.timer_generations[action.name] = generation
+            w.record.timers.append(TimerOp(action.name, generation, due))
+        elif isinstance(action, CancelTimer):
+            if conv.timers.pop(action.name, None) is not None:
+                w.record.timers.append(TimerOp(action.name, 0, None))
+        elif isinstance(action, SetAttributes):
+            conv.attributes.update(action.values)
+        elif isinstance(action, Label):
+            if action.label not in conv.labels:
+                conv.labels.append(action.label)
+        elif isinstance(action, Unlabel):
+            if action.label in conv.labels:
+                conv.labels.remove(action.label)
+        elif isinstance(action, Close):
+            self.transition(conv, "close")
+            conv.close_reason = action.reason
+            w.route_or_close = True
+            conv.enqueued_at = None
+            if conv.state == "closed":
+                self._release_all(w)
+            self._emit(w, "conversation.closed", {"reason": action.reason, "state": conv.state})
+        elif isinstance(action, Stop):
+            pass
+        else:  # pragma: no cover - the Action union is closed
+            raise Refused(f"unknown action {action!r}")
+
+    # pieces --------------------------------------------------------------------------------
+    def _customer_present(self, w: _Work, present: bool) -> None:
+        w.conv.customer_present = present
+
+    def _add_agent(self, w: _Work, agent_id: str, *, primary: bool) -> None:
+        conv = w.conv
+        existing = conv.find("agent", agent_id)
+        if existing is not None:
+            existing.present = True
+            existing.primary = existing.primary or primary
+            return
+        if primary:
+            self._drop_direct_bot(w)
+        conv.participants.append(
+            Participant(role="agent", id=agent_id, primary=primary, joined_at=w.now)
+        )
+        conv.handled_by_agent = True
+        conv.enqueued_at = None
+
+    def _drop_direct_bot(self, w: _Work) -> None:
+        for p in list(w.conv.participants):
+            if p.role == "bot" and p.mode == "direct":
+                if w.bot_mode_kept:
+                    p.mode = "assist"
+                    p.primary = False
+                else:
+                    w.conv.participants.remove(p)
+
+    def _leave_for_queue(self, w: _Work) -> None:
+        """Entering the queue: a direct bot leaves (or stays as assistant), agents leave."""
+        self._drop_direct_bot(w)
+        for p in list(w.conv.participants):
+            if p.role == "agent":
+                self._remove(w, "agent", p.id, emit=True, reason="rerouted")
+
+    def _remove(
+        self, w: _Work, role: str, participant_id: str, *, emit: bool, reason: str = "left"
+    ) -> None:
+        conv = w.conv
+        p = conv.find(role, participant_id)  # type: ignore[arg-type]
+        if p is None:
+            if emit:
+                raise Refused(f"{role} {participant_id} is not in the conversation")
+            if role == "agent":
+                w.released.add(participant_id)
+            return
+        conv.participants.remove(p)
+        if role == "agent":
+            w.released.add(participant_id)
+        if emit:
+            self._emit(w, f"{role}.left", {f"{role}_id": participant_id, "reason": reason})
+
+    def _release_all(self, w: _Work) -> None:
+        for p in w.conv.participants:
+            if p.role == "agent":
+                w.released.add(p.id)
+
+    def _check_attended(self, w: _Work) -> None:
+        conv = w.conv
+        if (
+            conv.state in ("bot", "agent")
+            and conv.primary is None
+            and not w.route_or_close
+            and w.event.type != "conversation.unattended"
+        ):
+            self._emit(w, "conversation.unattended", {"state": conv.state})
+
+    def _transcript(self, w: _Work, role: str, sender: str, text: str) -> Message:
+        msg = Message(
+            id=w.next_id(),
+            conversation_id=w.conv.id,
+            sender_role=role,
+            sender_id=sender,
+            text=text,
+            created_at=w.now,
+        )
+        w.record.messages.append(msg)
+        return msg
+
+    def _to_customer(self, w: _Work, msg: Message) -> None:
+        conv = w.conv
+        self._outbox(
+            w,
+            f"channel:{conv.instance}",
+            {
+                "endpoint": conv.endpoint,
+                "identity": conv.identity,
+                "message": {
+                    "id": msg.id,
+                    "from": msg.sender_role,
+                    "sender_id": msg.sender_id,
+                    "text": msg.text,
+                    "at": msg.created_at.isoformat(),
+                },
+            },
+        )
+
+    def _to_agents(
+        self,
+        w: _Work,
+        kind: str,
+        role: str,
+        sender: str,
+        text: str,
+        *,
+        message_id: str | None,
+        exclude: str | None = None,
+    ) -> None:
+        agents = [p.id for p in w.conv.participants if p.role == "agent" and p.id != exclude]
+        if not agents:
+            return
+        if kind in ("suggestion", "whisper", "system"):
+            msg = Message(
+                id=w.next_id(),
+                conversation_id=w.conv.id,
+                sender_role=role,
+                sender_id=sender,
+                text=text,
+                created_at=w.now,
+                visibility="agents",
+            )
+            w.record.messages.append(msg)
+            message_id = msg.id
+        self._outbox(
+            w,
+            "desk",
+            {
+                "agents": agents,
+                "kind": kind,
+                "message": {
+                    "id": message_id or w.next_id(),
+                    "from": role,
+                    "sender_id": sender,
+                    "text": text,
+                    "at": w.now.isoformat(),
+                },
+            },
+        )
+
+    def _outbox(self, w: _Work, destination: str, payload: dict[str, Any]) -> None:
+        payload = {"conversation_id": w.conv.id, **payload}
+        w.record.outbox.append(NewOutbox(destination, payload))
+
+    def _emit(self, w: _Work, kind: str, data: dict[str, Any]) -> None:
+        n = len(w.record.emitted)
+        w.record.emitted.append(
+            NewEvent(
+                type=kind,  # type: ignore[arg-type]
+                source="controller",
+                dedupe_key=f"{w.event.id}:{n}",
+                conversation_id=w.conv.id,
+                data=data,
+            )
+        )

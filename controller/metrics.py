@@ -1,0 +1,65 @@
+"""Prometheus metrics, one registry per application (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_accepted = Counter(
+            "convctl_events_accepted", "Events stored in the inbox", ["type"], registry=r
+        )
+        self.events_duplicate = Counter(
+            "convctl_events_duplicate",
+            "Redelivered events ignored by the inbox",
+            ["source"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "convctl_decisions", "Events decided", ["outcome", "matcher"], registry=r
+        )
+        self.decision_seconds = Histogram(
+            "convctl_decision_seconds",
+            "Time from loading an event to its commit",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        )
+        self.rules_fired = Counter("convctl_rules_fired", "Rules that fired", ["rule"], registry=r)
+        self.actions_refused = Counter(
+            "convctl_actions_refused",
+            "Actions refused by the state machine",
+            ["rule", "action"],
+            registry=r,
+        )
+        self.outbox_sent = Counter(
+            "convctl_outbox_delivered", "Outbox rows delivered", ["destination"], registry=r
+        )
+        self.outbox_retries = Counter(
+            "convctl_outbox_retries", "Outbox deliveries retried", ["destination"], registry=r
+        )
+        self.outbox_dead = Counter(
+            "convctl_outbox_dead",
+            "Outbox rows given up (dead letters)",
+            ["destination"],
+            registry=r,
+        )
+        self.timers_fired = Counter("convctl_timers_fired", "Timers fired", registry=r)
+        self.timers_pending = Gauge("convctl_timers_pending", "Timers waiting", registry=r)
+        self.queue_length = Gauge(
+            "convctl_queue_length", "Conversations waiting in a queue", ["queue"], registry=r
+        )
+        self.offers = Counter("convctl_offers", "Offers by outcome", ["outcome"], registry=r)
+        self.websockets = Gauge(
+            "convctl_websockets", "Open WebSocket connections", ["kind"], registry=r
+        )
+        self.http_errors = Counter(
+            "convctl_http_errors", "HTTP error answers", ["status", "code"], registry=r
+        )
+        self.recovered = Counter(
+            "convctl_recovered_events",
+            "Events in flight at a crash, decided again by the reference evaluator",
+            registry=r,
+        )

@@ -1,0 +1,125 @@
+"""Actions: what a rule asks the controller to do. Each is a small frozen model.
+
+Rules produce these (after templates and settings are resolved); the machine applies them
+in order. A refused action is refused alone and recorded with the rule that asked for it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PRIORITY_NAMES: dict[str, int] = {"low": -10, "normal": 0, "high": 10, "urgent": 20}
+
+
+class _Action(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InviteBot(_Action):
+    kind: Literal["invite_bot"] = "invite_bot"
+    bot: str = Field(min_length=1)
+    mode: Literal["direct", "assist"] = "direct"
+
+
+class SetBotMode(_Action):
+    kind: Literal["set_bot_mode"] = "set_bot_mode"
+    mode: Literal["direct", "assist"]
+    bot: str | None = None
+
+
+class RemoveParticipant(_Action):
+    kind: Literal["remove_participant"] = "remove_participant"
+    role: Literal["agent", "bot", "app"]
+    id: str | None = None
+    reason: str = "removed"
+
+
+class Route(_Action):
+    kind: Literal["route"] = "route"
+    queue: str = Field(min_length=1)
+    priority: int = 0
+    skills: tuple[str, ...] = ()
+
+
+class Assign(_Action):
+    kind: Literal["assign"] = "assign"
+    agent: str = Field(min_length=1)
+
+
+class Transfer(_Action):
+    kind: Literal["transfer"] = "transfer"
+    queue: str | None = None
+    agent: str | None = None
+
+
+class Send(_Action):
+    """A message from the controller, to the customer or to the agents of the conversation.
+
+    ``text`` is already resolved to one language when the action is produced.
+    """
+
+    kind: Literal["send"] = "send"
+    to: Literal["customer", "agents"] = "customer"
+    text: str = Field(min_length=1)
+
+
+class Whisper(_Action):
+    kind: Literal["whisper"] = "whisper"
+    text: str = Field(min_length=1)
+
+
+class StartTimer(_Action):
+    kind: Literal["start_timer"] = "start_timer"
+    name: str = Field(min_length=1)
+    after: float = Field(ge=0)
+
+
+class CancelTimer(_Action):
+    kind: Literal["cancel_timer"] = "cancel_timer"
+    name: str = Field(min_length=1)
+
+
+class SetAttributes(_Action):
+    kind: Literal["set"] = "set"
+    values: dict[str, Any]
+
+
+class Label(_Action):
+    kind: Literal["label"] = "label"
+    label: str = Field(min_length=1)
+
+
+class Unlabel(_Action):
+    kind: Literal["unlabel"] = "unlabel"
+    label: str = Field(min_length=1)
+
+
+class Close(_Action):
+    kind: Literal["close"] = "close"
+    reason: str = "closed"
+
+
+class Stop(_Action):
+    kind: Literal["stop"] = "stop"
+
+
+Action = Annotated[
+    InviteBot
+    | SetBotMode
+    | RemoveParticipant
+    | Route
+    | Assign
+    | Transfer
+    | Send
+    | Whisper
+    | StartTimer
+    | CancelTimer
+    | SetAttributes
+    | Label
+    | Unlabel
+    | Close
+    | Stop,
+    Field(discriminator="kind"),
+]

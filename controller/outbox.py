@@ -1,0 +1,182 @@
+"""The outbox dispatcher: delivers committed side effects, at least once, in order.
+
+Rows are claimed from the store, delivered by destination (a channel, a bot, the agent desk)
+and marked done; a failure known to be retryable is retried with exponential backoff and
+jitter, up to a limit, then the row becomes a dead letter. Rows of one conversation and
+destination never overtake each other; a slow or failing destination never blocks others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import structlog
+
+from controller.clock import Clock
+from controller.errors import ConvctlError
+from controller.metrics import Metrics
+from controller.store.base import OutboxRow
+from controller.store.sqlite import SqliteStore
+
+log = structlog.get_logger(__name__)
+
+
+class DeliveryFailed(ConvctlError):
+    """A delivery failed; ``retryable`` says whether trying again can help."""
+
+    code = "delivery_failed"
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+Handler = Callable[[OutboxRow], Awaitable[None]]
+DeadHandler = Callable[[OutboxRow, str], Awaitable[None]]
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: SqliteStore,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        max_attempts: int,
+        backoff_base: float,
+        backoff_max: float,
+        batch: int = 200,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._max_attempts = max_attempts
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._batch = batch
+        self._handlers: dict[str, Handler] = {}
+        self._on_dead: dict[str, DeadHandler] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._rng = random.Random()
+        self.delivered = 0
+
+    def register(self, prefix: str, handler: Handler, on_dead: DeadHandler | None = None) -> None:
+        """Deliver rows whose destination is ``prefix`` or starts with ``prefix:``."""
+        self._handlers[prefix] = handler
+        if on_dead is not None:
+            self._on_dead[prefix] = on_dead
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="outbox")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self._wake.clear()
+                rows = await self._store.claim_outbox(self._clock.now(), self._batch)
+                if rows:
+                    self._spawn(rows)
+                    if len(rows) == self._batch:
+                        continue
+                await self._sleep_until_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox_loop_failed")
+                await self._clock.sleep(1.0)
+
+    async def _sleep_until_due(self) -> None:
+        due = await self._store.outbox_next_due()
+        delay = 60.0 if due is None else (due - self._clock.now()).total_seconds()
+        if delay <= 0:
+            return
+        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    def _spawn(self, rows: list[OutboxRow]) -> None:
+        # One task per (conversation, destination) keeps their order; others run in parallel.
+        lanes: dict[tuple[str, str], list[OutboxRow]] = {}
+        for row in rows:
+            lanes.setdefault((row.conversation_id, row.destination), []).append(row)
+        for lane in lanes.values():
+            task = asyncio.create_task(self._deliver_lane(lane))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _deliver_lane(self, rows: list[OutboxRow]) -> None:
+        try:
+            for i, row in enumerate(rows):
+                if not await self._deliver(row):
+                    # Later rows of this lane wait for the failed one: release their claims.
+                    await self._store.outbox_release([rest.id for rest in rows[i + 1 :]])
+                    return
+        finally:
+            # Rows that waited behind this lane may be deliverable now.
+            self._wake.set()
+
+    def _handler(self, destination: str) -> tuple[str, Handler | None]:
+        prefix = destination.split(":", 1)[0]
+        return prefix, self._handlers.get(prefix)
+
+    async def _deliver(self, row: OutboxRow) -> bool:
+        prefix, handler = self._handler(row.destination)
+        structlog.contextvars.bind_contextvars(conversation_id=row.conversation_id)
+        try:
+            if handler is None:
+                raise DeliveryFailed(f"no connector for {row.destination!r}", retryable=False)
+            await handler(row)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            retryable = getattr(exc, "retryable", isinstance(exc, (OSError, TimeoutError)))
+            error = f"{type(exc).__name__}: {exc}"
+            attempts = row.attempts + 1
+            if retryable and attempts < self._max_attempts:
+                delay = min(self._backoff_max, self._backoff_base * 2 ** (attempts - 1))
+                delay *= 0.5 + self._rng.random() / 2
+                at = self._clock.now() + timedelta(seconds=delay)
+                await self._store.outbox_retry(row.id, at, error)
+                self._metrics.outbox_retries.labels(prefix).inc()
+                log.warning(
+                    "outbox_retry",
+                    destination=row.destination,
+                    attempts=attempts,
+                    error=error,
+                    retry_in=round(delay, 3),
+                )
+            else:
+                await self._store.outbox_dead(row.id, error)
+                self._metrics.outbox_dead.labels(prefix).inc()
+                log.error(
+                    "outbox_dead", destination=row.destination, attempts=attempts, error=error
+                )
+                on_dead = self._on_dead.get(prefix)
+                if on_dead is not None:
+                    await on_dead(row, error)
+            return False
+        finally:
+            structlog.contextvars.unbind_contextvars("conversation_id")
+        await self._store.outbox_done(row.id)
+        self.delivered += 1
+        self._metrics.outbox_sent.labels(prefix).inc()
+        return True

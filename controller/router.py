@@ -1,0 +1,403 @@
+"""The router: the single owner of agents' presence and capacity, queue order and offers.
+
+Rules only say ``route`` or ``assign``. After a decision is committed, the router learns what
+changed (a conversation queued or left the queue, an agent was released) and offers waiting
+conversations to agents: highest priority first, then longest waiting; the agent is the one
+idle longest among those available with free capacity and the required skills. Offers time
+out and move to the next agent. Every step is one store transaction that also stores the
+event the conversation sees (``agent.offered``, ``agent.accepted``...). Memory is rebuilt
+from the store at start, so a crash loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from controller.clock import Clock
+from controller.errors import Conflict, NotFound
+from controller.ids import new_id
+from controller.metrics import Metrics
+from controller.store.base import Accepted, DecisionRecord, OfferRecord
+from controller.store.sqlite import SqliteStore
+
+log = structlog.get_logger(__name__)
+
+PRESENCES = ("available", "busy", "away", "offline")
+PushOffer = Callable[[str, dict[str, Any]], Awaitable[object]]
+
+
+@dataclass
+class _Agent:
+    id: str
+    name: str
+    presence: str
+    capacity: int
+    skills: frozenset[str]
+    idle_since: datetime
+    conversations: set[str] = field(default_factory=set)
+    offers: set[str] = field(default_factory=set)
+
+    @property
+    def load(self) -> int:
+        return len(self.conversations) + len(self.offers)
+
+
+@dataclass
+class _Waiting:
+    conversation_id: str
+    queue: str
+    priority: int
+    skills: frozenset[str]
+    enqueued_at: datetime
+    tried: set[str] = field(default_factory=set)
+    offer_id: str | None = None
+
+
+class Router:
+    def __init__(
+        self,
+        store: SqliteStore,
+        clock: Clock,
+        metrics: Metrics,
+        notify: Callable[[Iterable[str]], None],
+        *,
+        offer_timeout: float,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._notify = notify
+        self._offer_timeout = offer_timeout
+        self._agents: dict[str, _Agent] = {}
+        self._waiting: dict[str, _Waiting] = {}
+        self._offers: dict[str, OfferRecord] = {}
+        self._expiry: list[tuple[float, str]] = []
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._push: PushOffer | None = None
+
+    def set_push(self, push: PushOffer) -> None:
+        """Where offers are pushed live (the agent desk hub)."""
+        self._push = push
+
+    async def start(self) -> None:
+        snap = await self._store.router_snapshot()
+        for a in snap.agents:
+            self._agents[a.id] = _Agent(
+                a.id, a.name, a.presence, a.capacity, frozenset(a.skills), a.idle_since
+            )
+        for q in snap.queued:
+            self._waiting[q.conversation_id] = _Waiting(
+                q.conversation_id, q.queue, q.priority, frozenset(q.skills), q.enqueued_at
+            )
+        for conversation_id, agent_id in snap.tried:
+            if conversation_id in self._waiting:
+                self._waiting[conversation_id].tried.add(agent_id)
+        for agent_id, conversation_id in snap.assignments:
+            if agent_id in self._agents:
+                self._agents[agent_id].conversations.add(conversation_id)
+        for offer in snap.pending_offers:
+            self._track_offer(offer)
+        self._task = asyncio.create_task(self._loop(), name="router")
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # public operations ---------------------------------------------------------------------
+    def agent_known(self, agent_id: str) -> bool:
+        return agent_id in self._agents
+
+    def add_agent(
+        self,
+        agent_id: str,
+        name: str,
+        capacity: int,
+        skills: Iterable[str],
+        presence: str,
+        idle_since: datetime,
+    ) -> None:
+        existing = self._agents.get(agent_id)
+        if existing is None:
+            self._agents[agent_id] = _Agent(
+                agent_id, name, presence, capacity, frozenset(skills), idle_since
+            )
+        else:
+            existing.name, existing.capacity = name, capacity
+            existing.skills = frozenset(skills)
+        self._wake.set()
+
+    def agent_view(self, agent_id: str) -> dict[str, Any]:
+        a = self._agents.get(agent_id)
+        if a is None:
+            raise NotFound(f"unknown agent {agent_id!r}", code="unknown_agent")
+        return {
+            "id": a.id,
+            "name": a.name,
+            "presence": a.presence,
+            "capacity": a.capacity,
+            "skills": sorted(a.skills),
+            "conversations": sorted(a.conversations),
+            "offers": [self._offer_view(self._offers[o]) for o in sorted(a.offers)],
+        }
+
+    async def set_presence(self, agent_id: str, presence: str) -> None:
+        if presence not in PRESENCES:
+            raise Conflict(f"presence must be one of {', '.join(PRESENCES)}", code="bad_presence")
+        async with self._lock:
+            agent = self._agents.get(agent_id)
+            if agent is None:
+                raise NotFound(f"unknown agent {agent_id!r}", code="unknown_agent")
+            await self._store.set_presence(agent_id, presence, self._clock.now())
+            if presence == "available" and agent.presence != "available" and agent.load == 0:
+                agent.idle_since = self._clock.now()
+                await self._store.touch_agent_idle(agent_id, agent.idle_since)
+            agent.presence = presence
+        self._wake.set()
+
+    async def accept(self, agent_id: str, offer_id: str) -> Accepted:
+        return await self._resolve(agent_id, offer_id, "accepted", "agent.accepted")
+
+    async def decline(self, agent_id: str, offer_id: str) -> Accepted:
+        return await self._resolve(agent_id, offer_id, "declined", "agent.declined")
+
+    def after_commit(self, record: DecisionRecord, accepted: list[Accepted]) -> None:
+        """Follow a committed decision: queue membership, released and assigned agents."""
+        conv = record.after
+        now = self._clock.now()
+        for agent_id in record.released_agents:
+            agent = self._agents.get(agent_id)
+            if agent is not None and conv.id in agent.conversations:
+                agent.conversations.discard(conv.id)
+                if agent.load == 0:
+                    agent.idle_since = now
+        for agent_id in record.assigned_agents:
+            agent = self._agents.get(agent_id)
+            if agent is not None:
+                agent.conversations.add(conv.id)
+        if conv.state == "queued" and conv.enqueued_at is not None:
+            waiting = self._waiting.get(conv.id)
+            if waiting is None or waiting.enqueued_at != conv.enqueued_at:
+                old_offer = waiting.offer_id if waiting else None
+                # Agents who just left this conversation are not offered it again first.
+                self._waiting[conv.id] = _Waiting(
+                    conv.id,
+                    conv.queue or "",
+                    conv.priority,
+                    frozenset(conv.skills),
+                    conv.enqueued_at,
+                    tried=set(record.released_agents),
+                    offer_id=old_offer,
+                )
+            else:
+                waiting.priority = conv.priority
+                waiting.queue = conv.queue or ""
+                waiting.skills = frozenset(conv.skills)
+        elif conv.id in self._waiting:
+            waiting = self._waiting.pop(conv.id)
+            if waiting.offer_id is not None and conv.state != "agent":
+                self._spawn(self._cancel_offer(waiting.offer_id))
+        self._update_gauges()
+        self._wake.set()
+
+    def position(self, conversation_id: str) -> int | None:
+        """1-based place of a waiting conversation in its queue."""
+        me = self._waiting.get(conversation_id)
+        if me is None:
+            return None
+        ahead = sum(
+            1
+            for w in self._waiting.values()
+            if w.queue == me.queue and (-w.priority, w.enqueued_at) < (-me.priority, me.enqueued_at)
+        )
+        return ahead + 1
+
+    # internals -----------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(_log_failure)
+
+    def _track_offer(self, offer: OfferRecord) -> None:
+        self._offers[offer.id] = offer
+        agent = self._agents.get(offer.agent_id)
+        if agent is not None:
+            agent.offers.add(offer.id)
+        waiting = self._waiting.get(offer.conversation_id)
+        if waiting is not None:
+            waiting.offer_id = offer.id
+        heapq.heappush(self._expiry, (offer.expires_at.timestamp(), offer.id))
+
+    def _forget_offer(self, offer_id: str) -> OfferRecord | None:
+        offer = self._offers.pop(offer_id, None)
+        if offer is None:
+            return None
+        agent = self._agents.get(offer.agent_id)
+        if agent is not None:
+            agent.offers.discard(offer_id)
+        waiting = self._waiting.get(offer.conversation_id)
+        if waiting is not None and waiting.offer_id == offer_id:
+            waiting.offer_id = None
+        return offer
+
+    async def _resolve(self, agent_id: str, offer_id: str, status: str, kind: str) -> Accepted:
+        async with self._lock:
+            offer = self._offers.get(offer_id)
+            if offer is None or offer.agent_id != agent_id:
+                known = await self._store.offer(offer_id)
+                if known is None or known.agent_id != agent_id:
+                    raise NotFound(f"unknown offer {offer_id!r}", code="unknown_offer")
+                raise Conflict(f"offer {offer_id} is already {known.status}", code="offer_closed")
+            result = await self._store.resolve_offer(offer_id, status, kind, self._clock.now())
+            self._forget_offer(offer_id)
+            if result is None:
+                raise Conflict(f"offer {offer_id} is no longer pending", code="offer_closed")
+            agent = self._agents[agent_id]
+            if status == "accepted":
+                agent.conversations.add(offer.conversation_id)
+                self._waiting.pop(offer.conversation_id, None)
+            else:
+                waiting = self._waiting.get(offer.conversation_id)
+                if waiting is not None:
+                    waiting.tried.add(agent_id)
+            self._metrics.offers.labels(status).inc()
+        self._notify([result.conversation_id])
+        self._update_gauges()
+        self._wake.set()
+        return result
+
+    async def _cancel_offer(self, offer_id: str) -> None:
+        async with self._lock:
+            if self._forget_offer(offer_id) is not None:
+                await self._store.resolve_offer(offer_id, "cancelled", "", self._clock.now())
+                self._metrics.offers.labels("cancelled").inc()
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self._wake.clear()
+                await self._expire_due()
+                await self._match()
+                await self._sleep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("router_loop_failed")
+                await self._clock.sleep(1.0)
+
+    async def _sleep(self) -> None:
+        while self._expiry and self._expiry[0][1] not in self._offers:
+            heapq.heappop(self._expiry)
+        delay = self._expiry[0][0] - self._clock.now().timestamp() if self._expiry else 3600.0
+        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
+
+    async def _expire_due(self) -> None:
+        now = self._clock.now()
+        while self._expiry and self._expiry[0][0] <= now.timestamp():
+            _, offer_id = heapq.heappop(self._expiry)
+            async with self._lock:
+                offer = self._forget_offer(offer_id)
+                if offer is None:
+                    continue
+                result = await self._store.resolve_offer(
+                    offer_id, "expired", "agent.offer_expired", now
+                )
+                waiting = self._waiting.get(offer.conversation_id)
+                if waiting is not None:
+                    waiting.tried.add(offer.agent_id)
+                self._metrics.offers.labels("expired").inc()
+                log.info(
+                    "offer_expired",
+                    offer_id=offer_id,
+                    agent_id=offer.agent_id,
+                    conversation_id=offer.conversation_id,
+                )
+            if result is not None:
+                self._notify([result.conversation_id])
+
+    def _pick(self, waiting: _Waiting) -> _Agent | None:
+        eligible = [
+            a
+            for a in self._agents.values()
+            if a.presence == "available"
+            and a.load < a.capacity
+            and waiting.skills <= a.skills
+            and waiting.conversation_id not in a.conversations
+        ]
+        if not eligible:
+            return None
+        fresh = [a for a in eligible if a.id not in waiting.tried]
+        if not fresh:
+            # Everyone able to take it has been tried: start a new round.
+            waiting.tried.clear()
+            fresh = eligible
+        return min(fresh, key=lambda a: (a.idle_since, a.id))
+
+    async def _match(self) -> None:
+        order = sorted(
+            (w for w in self._waiting.values() if w.offer_id is None),
+            key=lambda w: (-w.priority, w.enqueued_at, w.conversation_id),
+        )
+        for waiting in order:
+            async with self._lock:
+                if waiting.offer_id is not None or waiting.conversation_id not in self._waiting:
+                    continue
+                agent = self._pick(waiting)
+                if agent is None:
+                    continue
+                now = self._clock.now()
+                offer = OfferRecord(
+                    id=new_id("of"),
+                    conversation_id=waiting.conversation_id,
+                    agent_id=agent.id,
+                    status="pending",
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=self._offer_timeout),
+                )
+                try:
+                    result = await self._store.create_offer(offer, now)
+                except Conflict:
+                    self._waiting.pop(waiting.conversation_id, None)
+                    continue
+                self._track_offer(offer)
+                self._metrics.offers.labels("offered").inc()
+            self._notify([result.conversation_id])
+            if self._push is not None:
+                await self._push(agent.id, {"type": "offer", **self._offer_view(offer)})
+        self._update_gauges()
+
+    @staticmethod
+    def _offer_view(offer: OfferRecord) -> dict[str, Any]:
+        return {
+            "offer_id": offer.id,
+            "conversation_id": offer.conversation_id,
+            "expires_at": offer.expires_at.isoformat(),
+        }
+
+    def _update_gauges(self) -> None:
+        counts: dict[str, int] = {}
+        for w in self._waiting.values():
+            counts[w.queue] = counts.get(w.queue, 0) + 1
+        for queue, n in counts.items():
+            self._metrics.queue_length.labels(queue).set(n)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("router_task_failed", error=repr(task.exception()))

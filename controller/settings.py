@@ -1,0 +1,189 @@
+"""Settings: one model, read from an optional YAML file and ``CONVCTL_*`` environment variables.
+
+Environment variables win over the file (``CONVCTL_PORT=9000``; nested keys use ``__``).
+The dev profile generates missing secrets into a 0600 file next to the database; the prod
+profile refuses to start without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from controller.errors import ConfigError
+
+_PLACEHOLDERS = {"", "change-me", "changeme", "secret", "xxx", "todo"}
+
+
+class TimeoutSettings(BaseModel):
+    """Durations in seconds that the rules can name as ``settings.NAME``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customer_grace: float = Field(60.0, ge=0)
+    idle_reminder: float = Field(300.0, ge=0)
+    idle_close: float = Field(120.0, ge=0)
+    agent_grace: float = Field(30.0, ge=0)
+    wrap_up: float = Field(120.0, ge=0)
+    offer: float = Field(30.0, gt=0)
+
+
+class AgentSeed(BaseModel):
+    """An agent created at start (the dev profile's demo agents)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str
+    capacity: int = Field(3, ge=1, le=100)
+    skills: list[str] = Field(default_factory=list)
+
+
+class ConnectorInstance(BaseModel):
+    """One configured connector: ``{name, type, settings}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")
+    type: str
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_connectors() -> list[ConnectorInstance]:
+    return [
+        ConnectorInstance(name="webchat", type="webchat"),
+        ConnectorInstance(name="demo", type="demo_bot"),
+    ]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CONVCTL_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    profile: Literal["dev", "prod"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    data_dir: Path = Path("data")
+    database: str = ""  # default: <data_dir>/convctl.db
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
+    rules_dir: Path | None = None  # default: ./rules when present, else the packaged rules
+    matcher: Literal["durable", "reference"] = "durable"
+    default_language: str = "en"
+    timezone: str = "UTC"
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    session_secret: str = ""
+    admin_token: str = ""
+    agent_token: str = ""
+    allowed_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
+    max_message_chars: int = Field(4096, ge=1)
+    outbox_max_attempts: int = Field(8, ge=1)
+    outbox_backoff_base: float = Field(0.5, gt=0)
+    outbox_backoff_max: float = Field(300.0, gt=0)
+    workers: int = Field(64, ge=1, le=10000)
+    agents: list[AgentSeed] = Field(default_factory=list)
+    connectors: list[ConnectorInstance] = Field(default_factory=_default_connectors)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings)
+
+    @property
+    def database_path(self) -> str:
+        return self.database or str(self.data_dir / "convctl.db")
+
+    def rule_settings(self) -> dict[str, Any]:
+        """Values rules may name as ``settings.NAME``."""
+        return {**self.timeouts.model_dump(), "default_language": self.default_language}
+
+    def resolved_rules_dir(self) -> Path:
+        if self.rules_dir is not None:
+            return self.rules_dir
+        here = Path(__file__).resolve().parent
+        # ./rules of the working folder, the rules shipped in the wheel, the source tree's.
+        for candidate in (Path("rules"), here / "default_rules", here.parent / "rules"):
+            if (candidate / "default.yaml").is_file():
+                return candidate
+        raise ConfigError("no rules folder found: set rules_dir (CONVCTL_RULES_DIR)")
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the YAML file (if any), then the environment, then ``overrides``."""
+    data: dict[str, Any] = {}
+    path = path or os.environ.get("CONVCTL_CONFIG")
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"settings file {path} must hold a mapping")
+        data.update(loaded)
+    # The environment beats the file: drop file keys the environment sets.
+    for key in list(data):
+        if f"CONVCTL_{key.upper()}" in os.environ:
+            del data[key]
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValueError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+_SECRET_FIELDS = ("session_secret", "admin_token", "agent_token")
+
+
+def ensure_secrets(settings: Settings) -> tuple[Settings, list[str]]:
+    """Fill missing secrets (dev) or refuse (prod). Returns the settings and the names generated."""
+    missing = [f for f in _SECRET_FIELDS if getattr(settings, f).strip().lower() in _PLACEHOLDERS]
+    if not missing:
+        return settings, []
+    if settings.profile == "prod":
+        raise ConfigError(
+            "missing or placeholder secrets in the prod profile: "
+            + ", ".join(f"CONVCTL_{f.upper()}" for f in missing)
+        )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    secrets_file = settings.data_dir / "secrets.json"
+    stored: dict[str, str] = {}
+    if secrets_file.exists():
+        stored = json.loads(secrets_file.read_text(encoding="utf-8"))
+    generated = []
+    for name in missing:
+        if name not in stored:
+            stored[name] = secrets.token_urlsafe(32)
+            generated.append(name)
+    fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(stored, fh)
+    os.chmod(secrets_file, 0o600)
+    updated = settings.model_copy(update={name: stored[name] for name in missing})
+    return updated, generated

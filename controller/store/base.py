@@ -1,0 +1,272 @@
+"""The Store interface and the records that cross it.
+
+Every write that must be atomic is one method: accepting events (inbox dedupe, conversation
+resolution and sequence numbers), committing a decision (snapshot, decision record, outbox,
+timers, transcript, emitted events), firing a timer, and each router step (offer, accept,
+decline, expire). A PostgreSQL implementation keeps the same methods and takes a row lock on
+the conversation inside the same transactions.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from controller.models import Conversation, Event, NewEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """The inbox's answer for one event: where it went, and whether it was already there."""
+
+    event_id: str
+    conversation_id: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewOutbox:
+    destination: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    conversation_id: str
+    event_id: str
+    n: int
+    destination: str
+    payload: dict[str, Any]
+    attempts: int
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across retries and restarts: the deciding event and the row's place in it."""
+        return f"{self.event_id}:{self.n}"
+
+
+@dataclass(frozen=True, slots=True)
+class TimerOp:
+    """Set (``due_at`` given) or delete (``due_at`` None) the named timer of a conversation."""
+
+    name: str
+    generation: int
+    due_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerRow:
+    conversation_id: str
+    name: str
+    generation: int
+    due_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One line of a conversation's transcript, as the customer or an agent sees it."""
+
+    id: str
+    conversation_id: str
+    sender_role: str
+    sender_id: str
+    text: str
+    created_at: datetime
+    visibility: str = "all"  # "all" or "agents" (whispers, suggestions)
+
+
+@dataclass(slots=True)
+class DecisionRecord:
+    """Everything one decided event changes, committed in one transaction."""
+
+    event: Event
+    before_version: int
+    after: Conversation
+    rules_version: str
+    matcher: str
+    outcome: str = "decided"  # "decided" or "stale" (a timer of an old generation)
+    fired: list[dict[str, Any]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    outbox: list[NewOutbox] = field(default_factory=list)
+    timers: list[TimerOp] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    emitted: list[NewEvent] = field(default_factory=list)
+    released_agents: list[str] = field(default_factory=list)
+    assigned_agents: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    id: str
+    name: str
+    presence: str
+    capacity: int
+    skills: tuple[str, ...]
+    idle_since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OfferRecord:
+    id: str
+    conversation_id: str
+    agent_id: str
+    status: str
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedConversation:
+    conversation_id: str
+    queue: str
+    priority: int
+    skills: tuple[str, ...]
+    enqueued_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSnapshot:
+    """What the router rebuilds its memory from at start."""
+
+    agents: list[AgentRecord]
+    queued: list[QueuedConversation]
+    pending_offers: list[OfferRecord]
+    assignments: list[tuple[str, str]]  # (agent_id, conversation_id)
+    tried: list[tuple[str, str]]  # (conversation_id, agent_id) that declined or let an offer expire
+
+
+class Store(abc.ABC):
+    """Durable state of the controller. All methods are safe to call concurrently."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # inbox -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def accept(self, events: Sequence[NewEvent], now: datetime) -> list[Accepted]:
+        """Store events once per (source, dedupe_key), in one transaction.
+
+        An event without ``conversation_id`` is placed in the open conversation of its
+        (channel instance, endpoint, identity), which is created (with a
+        ``conversation.created`` event before it) when there is none. Raises NotFound for an
+        unknown conversation id and Conflict for a closed one.
+        """
+
+    @abc.abstractmethod
+    async def pending_events(self, conversation_id: str, limit: int = 100) -> list[Event]:
+        """Undecided events of one conversation, in sequence order."""
+
+    @abc.abstractmethod
+    async def conversations_with_pending(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def event(self, event_id: str) -> Event | None: ...
+
+    @abc.abstractmethod
+    async def events(self, conversation_id: str) -> list[tuple[Event, str]]:
+        """All events of a conversation with their status, in sequence order."""
+
+    @abc.abstractmethod
+    async def decisions(self, conversation_id: str) -> list[dict[str, Any]]: ...
+
+    # conversations -----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def load_conversation(self, conversation_id: str) -> Conversation | None: ...
+
+    @abc.abstractmethod
+    async def open_conversation_id(
+        self, instance: str, endpoint: str, identity: str
+    ) -> str | None: ...
+
+    @abc.abstractmethod
+    async def commit_decision(self, record: DecisionRecord, now: datetime) -> list[Accepted]:
+        """Apply one decision atomically; raises Conflict if the snapshot version moved."""
+
+    @abc.abstractmethod
+    async def messages(
+        self, conversation_id: str, *, include_agent_only: bool
+    ) -> list[Message]: ...
+
+    # outbox ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_outbox(self, now: datetime, limit: int) -> list[OutboxRow]:
+        """Rows due for delivery, oldest first. Rows of one conversation keep their order."""
+
+    @abc.abstractmethod
+    async def outbox_done(self, row_id: int) -> None: ...
+
+    @abc.abstractmethod
+    async def outbox_retry(self, row_id: int, at: datetime, error: str) -> None: ...
+
+    @abc.abstractmethod
+    async def outbox_release(self, row_ids: Sequence[int]) -> None: ...
+
+    @abc.abstractmethod
+    async def outbox_dead(self, row_id: int, error: str) -> None: ...
+
+    @abc.abstractmethod
+    async def outbox_next_due(self) -> datetime | None: ...
+
+    @abc.abstractmethod
+    async def outbox_rows(self, status: str | None = None) -> list[dict[str, Any]]: ...
+
+    # timers ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def timers(self) -> list[TimerRow]: ...
+
+    @abc.abstractmethod
+    async def fire_timer(self, timer: TimerRow, now: datetime) -> Accepted | None:
+        """Turn a due timer into a ``timer.fired`` event and delete it, atomically.
+
+        Returns None when the timer is gone or has a newer generation.
+        """
+
+    # agents and routing ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def upsert_agent(self, agent: AgentRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def agent(self, agent_id: str) -> AgentRecord | None: ...
+
+    @abc.abstractmethod
+    async def set_presence(self, agent_id: str, presence: str, now: datetime) -> None: ...
+
+    @abc.abstractmethod
+    async def router_snapshot(self) -> RouterSnapshot: ...
+
+    @abc.abstractmethod
+    async def create_offer(self, offer: OfferRecord, now: datetime) -> Accepted:
+        """Insert a pending offer and its ``agent.offered`` event together."""
+
+    @abc.abstractmethod
+    async def resolve_offer(
+        self, offer_id: str, status: str, event_type: str, now: datetime
+    ) -> Accepted | None:
+        """Move a pending offer to accepted/declined/expired/cancelled with its event.
+
+        Accepting also records the assignment (the agent's capacity is taken). Returns None
+        if the offer was not pending any more.
+        """
+
+    @abc.abstractmethod
+    async def offer(self, offer_id: str) -> OfferRecord | None: ...
+
+    @abc.abstractmethod
+    async def agent_conversations(self, agent_id: str) -> list[str]: ...
+
+    # tokens ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def put_token(self, token_hash: str, role: str, subject: str, now: datetime) -> None: ...
+
+    @abc.abstractmethod
+    async def token(self, token_hash: str) -> tuple[str, str] | None:
+        """(role, subject) of a valid token."""

@@ -1,0 +1,963 @@
+"""The embedded SQLite store (WAL).
+
+One writer thread owns the write connection and commits in groups: every write job queued
+while the previous transaction ran is applied in the next one, each inside its own
+savepoint, so one failing job never spoils the others and every caller still learns about
+its own commit only after it happened. Reads go to a second connection on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from controller.errors import Conflict, NotFound
+from controller.ids import new_id
+from controller.models import Conversation, Event, NewEvent
+from controller.store.base import (
+    Accepted,
+    AgentRecord,
+    DecisionRecord,
+    Message,
+    OfferRecord,
+    OutboxRow,
+    QueuedConversation,
+    RouterSnapshot,
+    Store,
+    TimerRow,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# An outbox row is deliverable only when no earlier row of its lane (conversation and
+# destination) is still pending, so retries never overtake.
+_HEAD_OF_LANE = (
+    "NOT EXISTS (SELECT 1 FROM outbox p WHERE p.status = 'pending' "
+    "AND p.conversation_id = o.conversation_id AND p.destination = o.destination AND p.id < o.id)"
+)
+_GROUP_MAX = 256
+
+
+def _ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _connect(path: str, synchronous: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+class _Writer(threading.Thread):
+    """Runs write jobs in grouped transactions on one connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__(name="convctl-sqlite-writer", daemon=True)
+        self._conn = conn
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None
+        ] = queue.SimpleQueue()
+        self.transactions = 0
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < _GROUP_MAX:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                batch.append(job)
+            self._run_batch(batch)
+        self._conn.close()
+
+    def _run_batch(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+    ) -> None:
+        conn = self._conn
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, _ in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((True, fn(conn)))
+                    conn.execute("RELEASE job")
+                except Exception as exc:  # reported to the job's caller, not swallowed
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+            self.transactions += 1
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            log.error("sqlite_commit_failed", error=str(exc), jobs=len(batch))
+            outcomes = [(False, exc)] * len(batch)
+        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            fut.get_loop().call_soon_threadsafe(_settle, fut, ok, value)
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.cancelled():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def _event_from_row(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"],
+        type=row["type"],
+        conversation_id=row["conversation_id"],
+        seq=row["seq"],
+        source=row["source"],
+        dedupe_key=row["dedupe_key"],
+        accepted_at=_dt(row["accepted_at"]),
+        data=json.loads(row["data"]),
+    )
+
+
+class SqliteStore(Store):
+    """SQLite implementation of the Store, for one process."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        self._path = str(path)
+        self._synchronous = synchronous
+        self._writer: _Writer | None = None
+        self._reader_conn: sqlite3.Connection | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convctl-sqlite-read")
+
+    # plumbing ----------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._path != ":memory:":
+            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(self._path, self._synchronous)
+        self._migrate(conn)
+        # A previous process may have died with rows claimed: they are due again now.
+        conn.execute("UPDATE outbox SET claimed = 0 WHERE status = 'pending' AND claimed = 1")
+        self._writer = _Writer(conn)
+        self._writer.start()
+        loop = asyncio.get_running_loop()
+        self._reader_conn = await loop.run_in_executor(
+            self._reader, _connect, self._path, self._synchronous
+        )
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+            self._writer = None
+        if self._reader_conn is not None:
+            conn = self._reader_conn
+            await asyncio.get_running_loop().run_in_executor(self._reader, conn.close)
+            self._reader_conn = None
+        self._reader.shutdown(wait=True)
+
+    @property
+    def transactions(self) -> int:
+        return self._writer.transactions if self._writer else 0
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
+        applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        folder = resources.files("controller.store") / "migrations"
+        scripts = sorted(
+            (p.name for p in folder.iterdir() if p.name.startswith("sqlite_")),
+        )
+        for name in scripts:
+            version = int(name.split("_")[1])
+            if version in applied:
+                continue
+            sql = (folder / name).read_text(encoding="utf-8")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in sql.split(";\n"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                    (version, name, datetime.now(UTC).timestamp()),
+                )
+                conn.execute("COMMIT")
+            except Exception:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("schema_migrated", version=version, script=name)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._writer is not None, "store is not open"
+        return await self._writer.submit(fn)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._reader_conn
+        assert conn is not None, "store is not open"
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, conn)
+
+    # inbox -------------------------------------------------------------------------------
+    async def accept(self, events: Sequence[NewEvent], now: datetime) -> list[Accepted]:
+        def run(conn: sqlite3.Connection) -> list[Accepted]:
+            return [_accept_one(conn, ev, now) for ev in events]
+
+        return await self._write(run)
+
+    async def pending_events(self, conversation_id: str, limit: int = 100) -> list[Event]:
+        def run(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                "SELECT * FROM events WHERE conversation_id = ? AND status = 'pending' "
+                "ORDER BY seq LIMIT ?",
+                (conversation_id, limit),
+            ).fetchall()
+            return [_event_from_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def load_for_decision(
+        self, conversation_id: str, limit: int = 100
+    ) -> tuple[Conversation | None, list[Event]]:
+        """The snapshot and its undecided events, read in one go."""
+
+        def run(conn: sqlite3.Connection) -> tuple[Conversation | None, list[Event]]:
+            conn.execute("BEGIN")
+            try:
+                conv = _load_conversation(conn, conversation_id)
+                rows = conn.execute(
+                    "SELECT * FROM events WHERE conversation_id = ? AND status = 'pending' "
+                    "ORDER BY seq LIMIT ?",
+                    (conversation_id, limit),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return conv, [_event_from_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def conversations_with_pending(self) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT conversation_id, MIN(seq) FROM events WHERE status = 'pending' "
+                "GROUP BY conversation_id ORDER BY MIN(accepted_at)"
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    async def event(self, event_id: str) -> Event | None:
+        def run(conn: sqlite3.Connection) -> Event | None:
+            row = conn.execute("SELECT * FROM events WHERE id = ?", (event_id,)).fetchone()
+            return _event_from_row(row) if row else None
+
+        return await self._read(run)
+
+    async def events(self, conversation_id: str) -> list[tuple[Event, str]]:
+        def run(conn: sqlite3.Connection) -> list[tuple[Event, str]]:
+            rows = conn.execute(
+                "SELECT * FROM events WHERE conversation_id = ? ORDER BY seq", (conversation_id,)
+            ).fetchall()
+            return [(_event_from_row(r), r["status"]) for r in rows]
+
+        return await self._read(run)
+
+    async def decisions(self, conversation_id: str) -> list[dict[str, Any]]:
+        def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT d.*, e.type FROM decisions d JOIN events e ON e.id = d.event_id "
+                "WHERE d.conversation_id = ? ORDER BY d.seq",
+                (conversation_id,),
+            ).fetchall()
+            return [
+                {
+                    "event_id": r["event_id"],
+                    "event_type": r["type"],
+                    "seq": r["seq"],
+                    "rules_version": r["rules_version"],
+                    "matcher": r["matcher"],
+                    "outcome": r["outcome"],
+                    "state_after": r["state_after"],
+                    "fired": json.loads(r["fired"]),
+                    "refused": json.loads(r["refused"]),
+                    "decided_at": _dt(r["decided_at"]).isoformat(),
+                }
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    # conversations -----------------------------------------------------------------------
+    async def load_conversation(self, conversation_id: str) -> Conversation | None:
+        return await self._read(lambda conn: _load_conversation(conn, conversation_id))
+
+    async def open_conversation_id(self, instance: str, endpoint: str, identity: str) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT id FROM conversations WHERE instance = ? AND endpoint = ? "
+                "AND identity = ? AND closed = 0",
+                (instance, endpoint, identity),
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self._read(run)
+
+    async def latest_conversation_id(
+        self, instance: str, endpoint: str, identity: str
+    ) -> str | None:
+        """The newest conversation of an identity, open or closed (for a returning visitor)."""
+
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT id FROM conversations WHERE instance = ? AND endpoint = ? "
+                "AND identity = ? ORDER BY closed ASC, created_at DESC LIMIT 1",
+                (instance, endpoint, identity),
+            ).fetchone()
+            return row[0] if row else None
+
+        return await self._read(run)
+
+    async def commit_decision(self, record: DecisionRecord, now: datetime) -> list[Accepted]:
+        def run(conn: sqlite3.Connection) -> list[Accepted]:
+            return _commit_decision(conn, record, now)
+
+        return await self._write(run)
+
+    async def messages(self, conversation_id: str, *, include_agent_only: bool) -> list[Message]:
+        def run(conn: sqlite3.Connection) -> list[Message]:
+            sql = "SELECT * FROM messages WHERE conversation_id = ?"
+            if not include_agent_only:
+                sql += " AND visibility = 'all'"
+            rows = conn.execute(sql + " ORDER BY created_at, rowid", (conversation_id,)).fetchall()
+            return [
+                Message(
+                    id=r["id"],
+                    conversation_id=r["conversation_id"],
+                    sender_role=r["sender_role"],
+                    sender_id=r["sender_id"],
+                    text=r["text"],
+                    created_at=_dt(r["created_at"]),
+                    visibility=r["visibility"],
+                )
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    # outbox ------------------------------------------------------------------------------
+    async def claim_outbox(self, now: datetime, limit: int) -> list[OutboxRow]:
+        def run(conn: sqlite3.Connection) -> list[OutboxRow]:
+            rows = conn.execute(
+                "SELECT o.* FROM outbox o WHERE o.status = 'pending' AND o.claimed = 0 "
+                f"AND o.next_attempt_at <= ? AND {_HEAD_OF_LANE} ORDER BY o.id LIMIT ?",
+                (_ts(now), limit),
+            ).fetchall()
+            if rows:
+                conn.executemany(
+                    "UPDATE outbox SET claimed = 1 WHERE id = ?", [(r["id"],) for r in rows]
+                )
+            return [
+                OutboxRow(
+                    id=r["id"],
+                    conversation_id=r["conversation_id"],
+                    event_id=r["event_id"],
+                    n=r["n"],
+                    destination=r["destination"],
+                    payload=json.loads(r["payload"]),
+                    attempts=r["attempts"],
+                )
+                for r in rows
+            ]
+
+        return await self._write(run)
+
+    async def outbox_done(self, row_id: int) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET status = 'done', claimed = 0, attempts = attempts + 1, "
+                "done_at = ? WHERE id = ?",
+                (datetime.now(UTC).timestamp(), row_id),
+            )
+        )
+
+    async def outbox_retry(self, row_id: int, at: datetime, error: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET claimed = 0, attempts = attempts + 1, next_attempt_at = ?, "
+                "last_error = ? WHERE id = ?",
+                (_ts(at), error[:1000], row_id),
+            )
+        )
+
+    async def outbox_release(self, row_ids: Sequence[int]) -> None:
+        """Unclaim rows without counting an attempt (they waited behind a failed row)."""
+        if row_ids:
+            await self._write(
+                lambda conn: conn.executemany(
+                    "UPDATE outbox SET claimed = 0 WHERE id = ?", [(i,) for i in row_ids]
+                )
+            )
+
+    async def outbox_dead(self, row_id: int, error: str) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET status = 'dead', claimed = 0, attempts = attempts + 1, "
+                "last_error = ? WHERE id = ?",
+                (error[:1000], row_id),
+            )
+        )
+
+    async def outbox_next_due(self) -> datetime | None:
+        def run(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT MIN(o.next_attempt_at) FROM outbox o WHERE o.status = 'pending' "
+                f"AND o.claimed = 0 AND {_HEAD_OF_LANE}"
+            ).fetchone()
+            return _dt(row[0]) if row and row[0] is not None else None
+
+        return await self._read(run)
+
+    async def outbox_rows(self, status: str | None = None) -> list[dict[str, Any]]:
+        def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            sql = "SELECT * FROM outbox"
+            args: tuple[Any, ...] = ()
+            if status is not None:
+                sql += " WHERE status = ?"
+                args = (status,)
+            rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+            return [
+                {
+                    "id": r["id"],
+                    "conversation_id": r["conversation_id"],
+                    "event_id": r["event_id"],
+                    "n": r["n"],
+                    "destination": r["destination"],
+                    "payload": json.loads(r["payload"]),
+                    "status": r["status"],
+                    "attempts": r["attempts"],
+                    "last_error": r["last_error"],
+                }
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    # timers ------------------------------------------------------------------------------
+    async def timers(self) -> list[TimerRow]:
+        def run(conn: sqlite3.Connection) -> list[TimerRow]:
+            return [
+                TimerRow(r[0], r[1], r[2], _dt(r[3]))
+                for r in conn.execute(
+                    "SELECT conversation_id, name, generation, due_at FROM timers"
+                )
+            ]
+
+        return await self._read(run)
+
+    async def fire_timer(self, timer: TimerRow, now: datetime) -> Accepted | None:
+        def run(conn: sqlite3.Connection) -> Accepted | None:
+            deleted = conn.execute(
+                "DELETE FROM timers WHERE conversation_id = ? AND name = ? AND generation = ?",
+                (timer.conversation_id, timer.name, timer.generation),
+            ).rowcount
+            if not deleted:
+                return None
+            return _accept_one(
+                conn,
+                NewEvent(
+                    type="timer.fired",
+                    source="timer",
+                    dedupe_key=f"{timer.conversation_id}:{timer.name}:{timer.generation}",
+                    conversation_id=timer.conversation_id,
+                    data={"name": timer.name, "generation": timer.generation},
+                ),
+                now,
+                allow_closed=True,
+            )
+
+        return await self._write(run)
+
+    # agents and routing ------------------------------------------------------------------
+    async def upsert_agent(self, agent: AgentRecord) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "name = excluded.name, capacity = excluded.capacity, skills = excluded.skills",
+                (
+                    agent.id,
+                    agent.name,
+                    agent.presence,
+                    agent.capacity,
+                    json.dumps(list(agent.skills)),
+                    _ts(agent.idle_since),
+                ),
+            )
+        )
+
+    async def agent(self, agent_id: str) -> AgentRecord | None:
+        def run(conn: sqlite3.Connection) -> AgentRecord | None:
+            row = conn.execute("SELECT * FROM agents WHERE id = ?", (agent_id,)).fetchone()
+            return _agent_from_row(row) if row else None
+
+        return await self._read(run)
+
+    async def set_presence(self, agent_id: str, presence: str, now: datetime) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            changed = conn.execute(
+                "UPDATE agents SET presence = ? WHERE id = ?", (presence, agent_id)
+            ).rowcount
+            if not changed:
+                raise NotFound(f"unknown agent {agent_id!r}", code="unknown_agent")
+
+        await self._write(run)
+
+    async def touch_agent_idle(self, agent_id: str, now: datetime) -> None:
+        """Record that an agent became free, for longest-idle routing."""
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE agents SET idle_since = ? WHERE id = ?", (_ts(now), agent_id)
+            )
+        )
+
+    async def router_snapshot(self) -> RouterSnapshot:
+        def run(conn: sqlite3.Connection) -> RouterSnapshot:
+            agents = [_agent_from_row(r) for r in conn.execute("SELECT * FROM agents")]
+            # Queued, and not already promised to an agent whose acceptance is being decided.
+            queued = [
+                QueuedConversation(
+                    r["id"],
+                    r["queue"] or "",
+                    r["priority"],
+                    tuple(json.loads(r["snapshot"]).get("skills", [])),
+                    _dt(r["enqueued_at"] or r["created_at"]),
+                )
+                for r in conn.execute(
+                    "SELECT c.* FROM conversations c WHERE c.state = 'queued' AND NOT EXISTS "
+                    "(SELECT 1 FROM offers o JOIN events e ON e.source = 'router' "
+                    "AND e.dedupe_key = o.id || ':accepted' WHERE o.conversation_id = c.id "
+                    "AND e.status = 'pending')"
+                )
+            ]
+            offers = [
+                _offer_from_row(r)
+                for r in conn.execute("SELECT * FROM offers WHERE status = 'pending'")
+            ]
+            assignments = [
+                (r[0], r[1])
+                for r in conn.execute("SELECT agent_id, conversation_id FROM assignments")
+            ]
+            tried = [
+                (r[0], r[1])
+                for r in conn.execute(
+                    "SELECT o.conversation_id, o.agent_id FROM offers o JOIN conversations c "
+                    "ON c.id = o.conversation_id WHERE c.state = 'queued' "
+                    "AND o.status IN ('declined', 'expired') "
+                    "AND o.created_at >= COALESCE(c.enqueued_at, 0)"
+                )
+            ]
+            return RouterSnapshot(agents, queued, offers, assignments, tried)
+
+        return await self._read(run)
+
+    async def create_offer(self, offer: OfferRecord, now: datetime) -> Accepted:
+        def run(conn: sqlite3.Connection) -> Accepted:
+            conn.execute(
+                "INSERT INTO offers (id, conversation_id, agent_id, status, created_at, "
+                "expires_at) VALUES (?, ?, ?, 'pending', ?, ?)",
+                (
+                    offer.id,
+                    offer.conversation_id,
+                    offer.agent_id,
+                    _ts(offer.created_at),
+                    _ts(offer.expires_at),
+                ),
+            )
+            return _accept_one(
+                conn,
+                NewEvent(
+                    type="agent.offered",
+                    source="router",
+                    dedupe_key=f"{offer.id}:offered",
+                    conversation_id=offer.conversation_id,
+                    data={"agent_id": offer.agent_id, "offer_id": offer.id},
+                ),
+                now,
+            )
+
+        return await self._write(run)
+
+    async def resolve_offer(
+        self, offer_id: str, status: str, event_type: str, now: datetime
+    ) -> Accepted | None:
+        def run(conn: sqlite3.Connection) -> Accepted | None:
+            row = conn.execute(
+                "SELECT * FROM offers WHERE id = ? AND status = 'pending'", (offer_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE offers SET status = ?, resolved_at = ? WHERE id = ?",
+                (status, _ts(now), offer_id),
+            )
+            if status == "accepted":
+                conn.execute(
+                    "INSERT OR IGNORE INTO assignments VALUES (?, ?, ?)",
+                    (row["agent_id"], row["conversation_id"], _ts(now)),
+                )
+            if status == "cancelled":
+                return None
+            return _accept_one(
+                conn,
+                NewEvent(
+                    type=event_type,  # type: ignore[arg-type]
+                    source="router",
+                    dedupe_key=f"{offer_id}:{status}",
+                    conversation_id=row["conversation_id"],
+                    data={"agent_id": row["agent_id"], "offer_id": offer_id},
+                ),
+                now,
+                allow_closed=True,
+            )
+
+        return await self._write(run)
+
+    async def offer(self, offer_id: str) -> OfferRecord | None:
+        def run(conn: sqlite3.Connection) -> OfferRecord | None:
+            row = conn.execute("SELECT * FROM offers WHERE id = ?", (offer_id,)).fetchone()
+            return _offer_from_row(row) if row else None
+
+        return await self._read(run)
+
+    async def agent_conversations(self, agent_id: str) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT conversation_id FROM assignments WHERE agent_id = ? ORDER BY since",
+                (agent_id,),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    # tokens ------------------------------------------------------------------------------
+    async def put_token(self, token_hash: str, role: str, subject: str, now: datetime) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT OR IGNORE INTO tokens (hash, role, subject, created_at) VALUES (?,?,?,?)",
+                (token_hash, role, subject, _ts(now)),
+            )
+        )
+
+    async def token(self, token_hash: str) -> tuple[str, str] | None:
+        def run(conn: sqlite3.Connection) -> tuple[str, str] | None:
+            row = conn.execute(
+                "SELECT role, subject FROM tokens WHERE hash = ? AND revoked = 0", (token_hash,)
+            ).fetchone()
+            return (row[0], row[1]) if row else None
+
+        return await self._read(run)
+
+    async def count(self, table: str) -> int:
+        """Rows in a table (for tests and benchmarks)."""
+        if table not in {"events", "conversations", "decisions", "outbox", "timers", "messages"}:
+            raise ValueError(table)
+        return await self._read(
+            lambda conn: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        )
+
+
+# transaction bodies (run on the writer thread) ---------------------------------------------
+def _load_conversation(conn: sqlite3.Connection, conversation_id: str) -> Conversation | None:
+    row = conn.execute(
+        "SELECT snapshot, version FROM conversations WHERE id = ?", (conversation_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    conv = Conversation.model_validate_json(row[0])
+    conv.version = row[1]
+    return conv
+
+
+def _accept_one(
+    conn: sqlite3.Connection, ev: NewEvent, now: datetime, *, allow_closed: bool = False
+) -> Accepted:
+    found = conn.execute(
+        "SELECT id, conversation_id, seq FROM events WHERE source = ? AND dedupe_key = ?",
+        (ev.source, ev.dedupe_key),
+    ).fetchone()
+    if found is not None:
+        return Accepted(found[0], found[1], found[2], duplicate=True)
+    conversation_id = ev.conversation_id
+    if conversation_id is not None:
+        row = conn.execute(
+            "SELECT closed FROM conversations WHERE id = ?", (conversation_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"unknown conversation {conversation_id!r}", code="unknown_conversation")
+        if row[0] and not allow_closed:
+            raise Conflict(
+                f"conversation {conversation_id!r} is closed", code="conversation_closed"
+            )
+    else:
+        if not (ev.channel and ev.instance and ev.endpoint and ev.identity):
+            raise ValueError(
+                "an event without conversation_id needs channel, instance, endpoint, identity"
+            )
+        row = conn.execute(
+            "SELECT id FROM conversations WHERE instance = ? AND endpoint = ? AND identity = ? "
+            "AND closed = 0",
+            (ev.instance, ev.endpoint, ev.identity),
+        ).fetchone()
+        conversation_id = row[0] if row else _open_conversation(conn, ev, now)
+    return _insert_event(conn, conversation_id, ev, now)
+
+
+def _insert_event(
+    conn: sqlite3.Connection, conversation_id: str, ev: NewEvent, now: datetime
+) -> Accepted:
+    seq = conn.execute(
+        "UPDATE conversations SET next_seq = next_seq + 1 WHERE id = ? RETURNING next_seq - 1",
+        (conversation_id,),
+    ).fetchone()[0]
+    event_id = new_id("ev")
+    conn.execute(
+        "INSERT INTO events (id, conversation_id, seq, type, source, dedupe_key, data, "
+        "accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            event_id,
+            conversation_id,
+            seq,
+            ev.type,
+            ev.source,
+            ev.dedupe_key,
+            json.dumps(ev.data, separators=(",", ":")),
+            _ts(now),
+        ),
+    )
+    return Accepted(event_id, conversation_id, seq, duplicate=False)
+
+
+def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) -> str:
+    assert ev.instance and ev.endpoint and ev.identity and ev.channel
+    identity_key = f"{ev.instance}:{ev.endpoint}:{ev.identity}"
+    row = conn.execute(
+        "SELECT id FROM customers WHERE identity_key = ?", (identity_key,)
+    ).fetchone()
+    if row is None:
+        customer_id = new_id("cu")
+        conn.execute(
+            "INSERT INTO customers (id, identity_key, created_at) VALUES (?, ?, ?)",
+            (customer_id, identity_key, _ts(now)),
+        )
+    else:
+        customer_id = row[0]
+    previous = conn.execute(
+        "SELECT id FROM conversations WHERE instance = ? AND endpoint = ? AND identity = ? "
+        "ORDER BY created_at DESC LIMIT 1",
+        (ev.instance, ev.endpoint, ev.identity),
+    ).fetchone()
+    conv_id = new_id("cv")
+    language = ev.data.get("language")
+    conv = Conversation(
+        id=conv_id,
+        channel=ev.channel,
+        instance=ev.instance,
+        endpoint=ev.endpoint,
+        identity=ev.identity,
+        customer_id=customer_id,
+        created_at=now,
+        last_activity_at=now,
+        language=language if isinstance(language, str) and language else "en",
+        previous_conversation_id=previous[0] if previous else None,
+    )
+    conn.execute(
+        "INSERT INTO conversations (id, instance, endpoint, identity, customer_id, state, "
+        "snapshot, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'new', ?, ?, ?)",
+        (
+            conv_id,
+            ev.instance,
+            ev.endpoint,
+            ev.identity,
+            customer_id,
+            conv.model_dump_json(exclude={"version"}),
+            _ts(now),
+            _ts(now),
+        ),
+    )
+    _insert_event(
+        conn,
+        conv_id,
+        NewEvent(
+            type="conversation.created",
+            source="controller",
+            dedupe_key=f"{conv_id}:created",
+            conversation_id=conv_id,
+            data={"channel": ev.channel},
+        ),
+        now,
+    )
+    return conv_id
+
+
+def _commit_decision(
+    conn: sqlite3.Connection, rec: DecisionRecord, now: datetime
+) -> list[Accepted]:
+    after = rec.after
+    snapshot = after.model_dump_json(exclude={"version"})
+    updated = conn.execute(
+        "UPDATE conversations SET snapshot = ?, state = ?, closed = ?, queue = ?, priority = ?, "
+        "enqueued_at = ?, version = version + 1, updated_at = ? WHERE id = ? AND version = ?",
+        (
+            snapshot,
+            after.state,
+            1 if after.state == "closed" else 0,
+            after.queue,
+            after.priority,
+            _ts(after.enqueued_at) if after.enqueued_at else None,
+            _ts(now),
+            after.id,
+            rec.before_version,
+        ),
+    ).rowcount
+    if not updated:
+        raise Conflict(f"conversation {after.id} changed concurrently", code="version_conflict")
+    marked = conn.execute(
+        "UPDATE events SET status = ? WHERE id = ? AND status = 'pending'",
+        (rec.outcome, rec.event.id),
+    ).rowcount
+    if not marked:
+        raise Conflict(f"event {rec.event.id} was already decided", code="already_decided")
+    conn.execute(
+        "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            rec.event.id,
+            after.id,
+            rec.event.seq,
+            rec.rules_version,
+            rec.matcher,
+            rec.outcome,
+            after.state,
+            json.dumps(rec.fired, separators=(",", ":")),
+            json.dumps(rec.refused, separators=(",", ":")),
+            _ts(now),
+        ),
+    )
+    if rec.outbox:
+        conn.executemany(
+            "INSERT INTO outbox (conversation_id, event_id, n, destination, payload, "
+            "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    after.id,
+                    rec.event.id,
+                    n,
+                    row.destination,
+                    json.dumps(row.payload, separators=(",", ":")),
+                    _ts(now),
+                    _ts(now),
+                )
+                for n, row in enumerate(rec.outbox)
+            ],
+        )
+    for op in rec.timers:
+        if op.due_at is None:
+            conn.execute(
+                "DELETE FROM timers WHERE conversation_id = ? AND name = ?", (after.id, op.name)
+            )
+        else:
+            conn.execute(
+                "INSERT INTO timers VALUES (?, ?, ?, ?) ON CONFLICT (conversation_id, name) "
+                "DO UPDATE SET generation = excluded.generation, due_at = excluded.due_at",
+                (after.id, op.name, op.generation, _ts(op.due_at)),
+            )
+    if after.state == "closed":
+        conn.execute("DELETE FROM timers WHERE conversation_id = ?", (after.id,))
+    if rec.messages:
+        conn.executemany(
+            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    m.id,
+                    m.conversation_id,
+                    m.sender_role,
+                    m.sender_id,
+                    m.text,
+                    m.visibility,
+                    _ts(m.created_at),
+                )
+                for m in rec.messages
+            ],
+        )
+    for agent_id in rec.released_agents:
+        conn.execute(
+            "DELETE FROM assignments WHERE agent_id = ? AND conversation_id = ?",
+            (agent_id, after.id),
+        )
+    for agent_id in rec.assigned_agents:
+        conn.execute(
+            "INSERT OR IGNORE INTO assignments VALUES (?, ?, ?)", (agent_id, after.id, _ts(now))
+        )
+    return [_accept_one(conn, ev, now, allow_closed=True) for ev in rec.emitted]
+
+
+def _agent_from_row(row: sqlite3.Row) -> AgentRecord:
+    return AgentRecord(
+        id=row["id"],
+        name=row["name"],
+        presence=row["presence"],
+        capacity=row["capacity"],
+        skills=tuple(json.loads(row["skills"])),
+        idle_since=_dt(row["idle_since"]),
+    )
+
+
+def _offer_from_row(row: sqlite3.Row) -> OfferRecord:
+    return OfferRecord(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        agent_id=row["agent_id"],
+        status=row["status"],
+        created_at=_dt(row["created_at"]),
+        expires_at=_dt(row["expires_at"]),
+    )
+
+
+__all__ = ["SqliteStore"]

@@ -1,0 +1,349 @@
+"""Reusable test helpers: run the service on 127.0.0.1, talk to it as a customer and an agent.
+
+Connector packages by others can use these too. Everything waits on frames and conditions,
+never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from controller.app import create_app
+from controller.clock import Clock
+from controller.keys import STORE, WORKERS
+from controller.models import Conversation
+from controller.settings import Settings
+from controller.store.sqlite import SqliteStore
+
+RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
+Frame = dict[str, Any]
+
+
+def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a test service: its own folder, fixed secrets, no demo surprises."""
+    values: dict[str, Any] = {
+        "data_dir": tmp_path,
+        "rules_dir": RULES_DIR if RULES_DIR.is_dir() else None,
+        "session_secret": "test-session-secret",
+        "admin_token": "test-admin-token",
+        "agent_token": "test-agent-token",
+        "port": 0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+class Service:
+    """The app served on an ephemeral 127.0.0.1 port, in this process."""
+
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.app = create_app(settings, clock=clock)
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        self.base_url = ""
+        self.http: aiohttp.ClientSession | None = None
+        self._clients: list[FrameReader] = []
+
+    async def start(self) -> Service:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.http = aiohttp.ClientSession()
+        return self
+
+    async def stop(self) -> None:
+        for client in self._clients:
+            await client.close()
+        if self.http is not None:
+            await self.http.close()
+        await self._runner.cleanup()
+
+    @property
+    def store(self) -> SqliteStore:
+        return self.app[STORE]
+
+    async def settle(self) -> None:
+        """Wait until no conversation has work in progress."""
+        await self.app[WORKERS].wait_idle()
+
+    async def until(
+        self,
+        conversation_id: str,
+        predicate: Callable[[Conversation], bool],
+        *,
+        timeout: float = 10.0,
+    ) -> Conversation:
+        """Wait until the stored conversation satisfies ``predicate``; return it."""
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.settle()
+                conv = await self.store.load_conversation(conversation_id)
+                if conv is not None and predicate(conv):
+                    return conv
+                await asyncio.sleep(0.005)
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.settings.admin_token}"}
+
+    async def agent(self, agent_id: str, *, capacity: int = 3) -> AgentClient:
+        """Create (or update) an agent, give it a token, connect its desk socket."""
+        assert self.http is not None
+        r = await self.http.post(
+            self.base_url + "/api/v1/agents",
+            json={"id": agent_id, "name": agent_id.title(), "capacity": capacity},
+            headers=self.admin_headers(),
+        )
+        assert r.status == 200, await r.text()
+        r = await self.http.post(
+            self.base_url + "/api/v1/tokens",
+            json={"role": "agent", "subject": agent_id},
+            headers=self.admin_headers(),
+        )
+        assert r.status == 201, await r.text()
+        token = (await r.json())["token"]
+        client = AgentClient(self, agent_id, token)
+        self._clients.append(client)
+        await client.connect()
+        return client
+
+    async def customer(self, token: str | None = None) -> WebChatClient:
+        """A web chat visitor; pass an earlier visitor's token to come back as them."""
+        client = WebChatClient(self.base_url, token)
+        self._clients.append(client)
+        await client.connect()
+        return client
+
+
+class FrameReader:
+    """Collects JSON frames of a WebSocket and waits for one that matches."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+
+    def start(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self._task = asyncio.create_task(self._read(ws))
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                async with self._changed:
+                    self.frames.append(msg.json())
+                    self._changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(
+        self, match: Callable[[Frame], bool], *, timeout: float = 10.0, after: int = 0
+    ) -> Frame:
+        """The first frame (from index ``after``) for which ``match`` is true."""
+
+        def found() -> Frame | None:
+            for frame in self.frames[after:]:
+                if match(frame):
+                    return frame
+            return None
+
+        async with asyncio.timeout(timeout), self._changed:
+            while (frame := found()) is None:
+                if self.ws is not None and self.ws.closed and self._task and self._task.done():
+                    raise AssertionError(f"socket closed; frames so far: {self.frames}")
+                await self._changed.wait()
+            return frame
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class WebChatClient(FrameReader):
+    """A web chat visitor: a session token and a socket."""
+
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        super().__init__()
+        self.base_url = base_url
+        self.token = token
+        self.http = aiohttp.ClientSession()
+
+    async def connect(self) -> None:
+        if self.token is None:
+            r = await self.http.post(self.base_url + "/webchat/session")
+            assert r.status == 200, await r.text()
+            self.token = (await r.json())["token"]
+        ws = await self.http.ws_connect(
+            f"{self.base_url}/webchat/ws?token={self.token}&connection={secrets.token_hex(6)}"
+        )
+        self.frames = []
+        self.start(ws)
+        await self.wait_for(lambda f: f["type"] == "history")
+
+    async def say(self, text: str, client_id: str | None = None) -> Frame:
+        cid = client_id or secrets.token_hex(8)
+        assert self.ws is not None
+        await self.ws.send_json({"type": "message", "client_id": cid, "text": text})
+        return await self.wait_for(
+            lambda f: f.get("client_id") == cid and f["type"] in ("ack", "error")
+        )
+
+    async def wait_message(self, sender: str, contains: str = "", **kw: Any) -> Frame:
+        return await self.wait_for(
+            lambda f: f["type"] == "message" and f["from"] == sender and contains in f["text"], **kw
+        )
+
+    def texts(self, sender: str | None = None) -> list[str]:
+        return [
+            f["text"]
+            for f in self.frames
+            if f["type"] == "message" and (sender is None or f["from"] == sender)
+        ]
+
+    async def close(self) -> None:
+        await super().close()
+        if not self.http.closed:
+            await self.http.close()
+
+
+class AgentClient(FrameReader):
+    """An agent: token, desk socket, and the agent API."""
+
+    def __init__(self, service: Service, agent_id: str, token: str) -> None:
+        super().__init__()
+        self.service = service
+        self.id = agent_id
+        self.token = token
+        self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"})
+
+    async def connect(self) -> None:
+        ws = await self.http.ws_connect(
+            f"{self.service.base_url}/api/v1/agents/ws?token={self.token}"
+        )
+        self.start(ws)
+        await self.wait_for(lambda f: f["type"] == "hello")
+
+    async def command(self, frame: Frame) -> Frame:
+        cid = secrets.token_hex(8)
+        assert self.ws is not None
+        await self.ws.send_json({**frame, "client_id": cid})
+        return await self.wait_for(
+            lambda f: f.get("client_id") == cid and f["type"] in ("ack", "error")
+        )
+
+    async def available(self) -> None:
+        r = await self.http.put(
+            self.service.base_url + "/api/v1/agents/me/presence", json={"presence": "available"}
+        )
+        assert r.status == 200, await r.text()
+
+    async def wait_offer(self, conversation_id: str | None = None, **kw: Any) -> Frame:
+        return await self.wait_for(
+            lambda f: (
+                f["type"] == "offer"
+                and (conversation_id is None or f["conversation_id"] == conversation_id)
+            ),
+            **kw,
+        )
+
+    async def accept(self, offer_id: str) -> Frame:
+        return await self.command({"type": "accept", "offer_id": offer_id})
+
+    async def say(self, conversation_id: str, text: str) -> Frame:
+        return await self.command(
+            {"type": "message", "conversation_id": conversation_id, "text": text}
+        )
+
+    async def close(self) -> None:
+        await super().close()
+        if not self.http.closed:
+            await self.http.close()
+
+
+# the service as a separate process (crash tests, the console script) -------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """``convctl serve`` in a subprocess, for tests that kill it."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "CONVCTL_DATA_DIR": str(data_dir),
+            "CONVCTL_PORT": str(self.port),
+            "CONVCTL_SESSION_SECRET": "proc-session-secret",
+            "CONVCTL_ADMIN_TOKEN": "proc-admin-token",
+            "CONVCTL_AGENT_TOKEN": "proc-agent-token",
+            "CONVCTL_LOG_LEVEL": "warning",
+            **({"CONVCTL_RULES_DIR": str(RULES_DIR)} if RULES_DIR.is_dir() else {}),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir / "service.log"
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller.cli", "serve"],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+
+    async def wait_ready(self, timeout: float = 60.0) -> float:
+        """Seconds until /readyz answered 200."""
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"service exited with {self.proc.returncode}: "
+                        + self.log_path.read_text(errors="replace")[-3000:]
+                    )
+                try:
+                    async with http.get(self.base_url + "/readyz") as r:
+                        if r.status == 200:
+                            return time.monotonic() - started
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() - started > timeout:
+                    raise AssertionError("service did not become ready")
+                await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -1,0 +1,106 @@
+"""Persisted timers: rows in the store, a heap in memory, one task that fires them when due.
+
+Firing a timer is one transaction that deletes the row and stores a ``timer.fired`` event
+(dedupe key: conversation, name, generation), so a crash between the two cannot lose or
+double a firing. At start, every stored timer is loaded; overdue ones fire at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Callable, Iterable
+
+import structlog
+
+from controller.clock import Clock
+from controller.metrics import Metrics
+from controller.store.base import Accepted, DecisionRecord, TimerRow
+from controller.store.sqlite import SqliteStore
+
+log = structlog.get_logger(__name__)
+
+
+class Timers:
+    def __init__(
+        self,
+        store: SqliteStore,
+        clock: Clock,
+        metrics: Metrics,
+        notify: Callable[[Iterable[str]], None],
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._notify = notify
+        self._heap: list[tuple[float, str, str, int]] = []
+        # (conversation, name) -> generation currently wanted; heap entries of other
+        # generations are skipped when popped (lazy deletion).
+        self._current: dict[tuple[str, str], int] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        rows = await self._store.timers()
+        for row in rows:
+            self._push(row)
+        self._task = asyncio.create_task(self._loop(), name="timers")
+        return len(rows)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def after_commit(self, record: DecisionRecord, accepted: list[Accepted]) -> None:
+        cid = record.after.id
+        for op in record.timers:
+            if op.due_at is None:
+                self._current.pop((cid, op.name), None)
+            else:
+                self._push(TimerRow(cid, op.name, op.generation, op.due_at))
+        if record.after.state == "closed":
+            for key in [k for k in self._current if k[0] == cid]:
+                del self._current[key]
+        self._metrics.timers_pending.set(len(self._current))
+
+    def _push(self, row: TimerRow) -> None:
+        self._current[(row.conversation_id, row.name)] = row.generation
+        heapq.heappush(
+            self._heap, (row.due_at.timestamp(), row.conversation_id, row.name, row.generation)
+        )
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._fire_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("timer_loop_failed")
+                await self._clock.sleep(1.0)
+
+    async def _fire_due(self) -> None:
+        self._wake.clear()
+        now = self._clock.now()
+        while self._heap and self._heap[0][0] <= now.timestamp():
+            _due, cid, name, generation = heapq.heappop(self._heap)
+            if self._current.get((cid, name)) != generation:
+                continue
+            row = TimerRow(cid, name, generation, now)
+            accepted = await self._store.fire_timer(row, now)
+            if self._current.get((cid, name)) == generation:
+                del self._current[(cid, name)]
+            if accepted is not None:
+                self._metrics.timers_fired.inc()
+                self._notify([accepted.conversation_id])
+        self._metrics.timers_pending.set(len(self._current))
+        delay = self._heap[0][0] - now.timestamp() if self._heap else 3600.0
+        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            waker.cancel()
