@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 
 ENDPOINT = "web"
 HistoryFn = Callable[[str, str, str], Awaitable[dict[str, Any]]]
+PresentFn = Callable[[str], Awaitable[list[tuple[str, str]]]]
 
 
 class WebChatSettings(ConnectorSettings):
@@ -263,6 +264,27 @@ class WebChatChannel(Channel):
                     log.info("webchat_push_failed")
         self._message_limit.forget_idle()
         return message.message.get("id")
+
+    async def start(self) -> None:
+        """No socket survives a restart: customers who counted as present are disconnected now,
+        so the grace-period rules run for them as if their page had closed."""
+        present: PresentFn = self.context.service["present_customers"]
+        boot = secrets.token_hex(8)
+        events = [
+            NewEvent(
+                type="customer.disconnected",
+                source=f"webchat:{self.name}",
+                dedupe_key=f"{visitor}:restart-{boot}:customer.disconnected",
+                conversation_id=conversation_id,
+                data={"reason": "service_restarted"},
+            )
+            for conversation_id, visitor in await present(self.name)
+            if visitor not in self._sockets
+        ]
+        for i in range(0, len(events), 500):
+            await self.context.submit(events[i : i + 500])
+        if events:
+            log.info("webchat_customers_disconnected_at_start", count=len(events))
 
     def connected(self, visitor: str) -> int:
         return len(self._sockets.get(visitor, ()))

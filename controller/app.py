@@ -99,7 +99,11 @@ def _add_connector_routes(app: web.Application) -> None:
         clock=app[CLOCK],
         session_secret=settings.session_secret,
         allowed_origins=settings.allowed_origins,
-        service={"history": lambda i, e, v: _history(app, i, e, v), "metrics": app[METRICS]},
+        service={
+            "history": lambda i, e, v: _history(app, i, e, v),
+            "present_customers": lambda instance: app[STORE].present_customers(instance),
+            "metrics": app[METRICS],
+        },
     )
     app[CONNECTOR_CONTEXT] = context
     seen: set[str] = set()
@@ -208,15 +212,7 @@ async def _connectors_ctx(app: web.Application) -> AsyncIterator[None]:
         on_dead=lambda row, err: _bot_failed(app, row, err),
     )
     dispatcher.register("desk", lambda row: _deliver_desk(app, row))
-    started: list[Connector] = []
-    connectors: list[Connector] = [*app[CHANNELS].values(), *app[BOTS].values()]
-    for connector in connectors:
-        await connector.start()
-        started.append(connector)
     yield
-    await app[DESK].close_all()
-    for connector in reversed(started):
-        await connector.stop()
     await session.close()
 
 
@@ -233,6 +229,12 @@ async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
     await router.start()
     timers = await app[TIMERS].start()
     pending = await app[WORKERS].recover()
+    # Connectors start once the engine runs: what they submit at start is decided normally.
+    started: list[Connector] = []
+    connectors: list[Connector] = [*app[CHANNELS].values(), *app[BOTS].values()]
+    for connector in connectors:
+        await connector.start()
+        started.append(connector)
     app[DISPATCHER].start()
     app[READY].update(
         ready=True,
@@ -248,6 +250,9 @@ async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     app[READY]["ready"] = False
+    await app[DESK].close_all()
+    for connector in reversed(started):
+        await connector.stop()
 
 
 # outbox deliveries ---------------------------------------------------------------------------

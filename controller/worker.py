@@ -133,6 +133,8 @@ class Workers:
                 self._dirty.add(conv.id)
                 return None
             self._recovering.discard(event.id)
+            # Events the decision emitted (conversation.closed, agent.left...) are decided next.
+            self.notify(a.conversation_id for a in accepted if not a.duplicate)
             record.after.version = conv.version + 1
             self.decided += 1
             self._metrics.decisions.labels(record.outcome, record.matcher).inc()

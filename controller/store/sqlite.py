@@ -356,6 +356,19 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
+    async def present_customers(self, instance: str) -> list[tuple[str, str]]:
+        """(conversation id, identity) of open conversations whose customer counts as present."""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = conn.execute(
+                "SELECT id, identity FROM conversations WHERE instance = ? AND closed = 0 "
+                "AND json_extract(snapshot, '$.customer_present') = 1",
+                (instance,),
+            ).fetchall()
+            return [(r[0], r[1]) for r in rows]
+
+        return await self._read(run)
+
     async def commit_decision(self, record: DecisionRecord, now: datetime) -> list[Accepted]:
         def run(conn: sqlite3.Connection) -> list[Accepted]:
             return _commit_decision(conn, record, now)
