@@ -74,6 +74,17 @@ class Dispatcher:
     def wake(self, *_: object) -> None:
         self._wake.set()
 
+    async def wait_quiet(self) -> bool:
+        """Wait for deliveries in flight; True if nothing is left that is due now."""
+        while self._inflight:
+            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        due = await self._store.outbox_next_due()
+        if due is not None and due <= self._clock.now():
+            self._wake.set()
+            await asyncio.sleep(0)
+            return False
+        return not self._inflight
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="outbox")
 

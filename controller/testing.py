@@ -23,7 +23,7 @@ from aiohttp import web
 
 from controller.app import create_app
 from controller.clock import Clock
-from controller.keys import STORE, WORKERS
+from controller.keys import DISPATCHER, STORE, WORKERS
 from controller.models import Conversation
 from controller.settings import Settings
 from controller.store.sqlite import SqliteStore
@@ -78,8 +78,12 @@ class Service:
         return self.app[STORE]
 
     async def settle(self) -> None:
-        """Wait until no conversation has work in progress."""
-        await self.app[WORKERS].wait_idle()
+        """Wait until no conversation has work in progress and the outbox has nothing due."""
+        workers, dispatcher = self.app[WORKERS], self.app[DISPATCHER]
+        while True:
+            await workers.wait_idle()
+            if await dispatcher.wait_quiet() and workers.idle:
+                return
 
     async def until(
         self,
@@ -200,9 +204,10 @@ class WebChatClient(FrameReader):
     async def say(self, text: str, client_id: str | None = None) -> Frame:
         cid = client_id or secrets.token_hex(8)
         assert self.ws is not None
+        seen = len(self.frames)
         await self.ws.send_json({"type": "message", "client_id": cid, "text": text})
         return await self.wait_for(
-            lambda f: f.get("client_id") == cid and f["type"] in ("ack", "error")
+            lambda f: f.get("client_id") == cid and f["type"] in ("ack", "error"), after=seen
         )
 
     async def wait_message(self, sender: str, contains: str = "", **kw: Any) -> Frame:
@@ -243,9 +248,10 @@ class AgentClient(FrameReader):
     async def command(self, frame: Frame) -> Frame:
         cid = secrets.token_hex(8)
         assert self.ws is not None
+        seen = len(self.frames)
         await self.ws.send_json({**frame, "client_id": cid})
         return await self.wait_for(
-            lambda f: f.get("client_id") == cid and f["type"] in ("ack", "error")
+            lambda f: f.get("client_id") == cid and f["type"] in ("ack", "error"), after=seen
         )
 
     async def available(self) -> None:

@@ -83,6 +83,10 @@ class Workers:
         self.notify(pending)
         return len(pending)
 
+    @property
+    def idle(self) -> bool:
+        return not self._tasks
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
