@@ -9,6 +9,7 @@ replays its history.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -32,7 +33,7 @@ log = structlog.get_logger(__name__)
 
 ENDPOINT = "web"
 HistoryFn = Callable[[str, str, str], Awaitable[dict[str, Any]]]
-PresentFn = Callable[[str], Awaitable[list[tuple[str, str]]]]
+PresentFn = Callable[[str], Awaitable[list[tuple[str, str, int]]]]
 
 
 class WebChatSettings(ConnectorSettings):
@@ -88,6 +89,7 @@ class WebChatChannel(Channel):
         )
         self._session_limit = _RateLimiter(self.settings.sessions_per_ip_per_minute, 60.0)
         self._page: str | None = None
+        self._sweep: asyncio.Task[None] | None = None
 
     # routes ----------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
@@ -266,23 +268,33 @@ class WebChatChannel(Channel):
         return message.message.get("id")
 
     async def start(self) -> None:
-        """No socket survives a restart: customers who counted as present are disconnected now,
-        so the grace-period rules run for them as if their page had closed."""
+        self._sweep = asyncio.create_task(self._disconnect_survivors(), name="webchat-sweep")
+
+    async def _disconnect_survivors(self) -> None:
+        """No socket survives a restart: customers last seen connected are disconnected now,
+        so the grace-period rules run for them as if their page had closed. The dedupe key
+        names the last presence event, so repeated restarts add nothing twice."""
         present: PresentFn = self.context.service["present_customers"]
-        boot = secrets.token_hex(8)
+        found = await present(self.name)
         events = [
             NewEvent(
                 type="customer.disconnected",
                 source=f"webchat:{self.name}",
-                dedupe_key=f"{visitor}:restart-{boot}:customer.disconnected",
+                dedupe_key=f"{visitor}:restart-after-{seq}:customer.disconnected",
                 conversation_id=conversation_id,
                 data={"reason": "service_restarted"},
             )
-            for conversation_id, visitor in await present(self.name)
+            for conversation_id, visitor, seq in found
             if visitor not in self._sockets
         ]
         for i in range(0, len(events), 500):
-            await self.context.submit(events[i : i + 500])
+            try:
+                await self.context.submit(events[i : i + 500])
+            except ConvctlError as exc:  # e.g. closed meanwhile: submit the rest one by one
+                log.info("webchat_sweep_batch_refused", reason=exc.message)
+                for ev in events[i : i + 500]:
+                    with contextlib.suppress(ConvctlError):
+                        await self.context.submit([ev])
         if events:
             log.info("webchat_customers_disconnected_at_start", count=len(events))
 
@@ -290,6 +302,9 @@ class WebChatChannel(Channel):
         return len(self._sockets.get(visitor, ()))
 
     async def stop(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            await asyncio.gather(self._sweep, return_exceptions=True)
         for sockets in list(self._sockets.values()):
             for ws in list(sockets):
                 await ws.close()

@@ -169,6 +169,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         store,
         rules.current,
         metrics=metrics,
+        clock=clock,
         timezone=settings.timezone,
         concurrency=settings.workers,
         matcher=settings.matcher,
@@ -193,10 +194,11 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     workers.on_commit(timers.after_commit)
     workers.on_commit(router.after_commit)
     yield
-    await workers.stop()
+    # Producers first, then the workers, then the rules they use.
     await dispatcher.stop()
     await timers.stop()
     await router.stop()
+    await workers.stop()
     rules.close()
 
 
@@ -228,6 +230,7 @@ async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.put_token(hash_token(settings.agent_token), "agent", seeds[0].id, now)
     await router.start()
     timers = await app[TIMERS].start()
+    app[WORKERS].start()
     pending = await app[WORKERS].recover()
     # Connectors start once the engine runs: what they submit at start is decided normally.
     started: list[Connector] = []

@@ -12,6 +12,9 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None: ...
 
+    async def sleep_until(self, when: datetime) -> None:
+        """Return once ``now() >= when`` (a deadline, so a late caller never oversleeps)."""
+
 
 class SystemClock:
     """Wall-clock time in UTC; sleeping is asyncio's."""
@@ -21,6 +24,9 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+    async def sleep_until(self, when: datetime) -> None:
+        await asyncio.sleep(max(0.0, (when - self.now()).total_seconds()))
 
 
 class ManualClock:
@@ -34,8 +40,10 @@ class ManualClock:
         return self._now
 
     async def sleep(self, seconds: float) -> None:
-        until = self._now + timedelta(seconds=max(0.0, seconds))
-        while self._now < until:
+        await self.sleep_until(self._now + timedelta(seconds=max(0.0, seconds)))
+
+    async def sleep_until(self, when: datetime) -> None:
+        while self._now < when:
             self._changed.clear()
             await self._changed.wait()
 

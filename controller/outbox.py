@@ -62,6 +62,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._claiming = False
         self._rng = random.Random()
         self.delivered = 0
 
@@ -76,8 +77,11 @@ class Dispatcher:
 
     async def wait_quiet(self) -> bool:
         """Wait for deliveries in flight; True if nothing is left that is due now."""
-        while self._inflight:
-            await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        while self._claiming or self._inflight:
+            if self._inflight:
+                await asyncio.gather(*list(self._inflight), return_exceptions=True)
+            else:
+                await asyncio.sleep(0)  # a claim is on its way to the store and back
         due = await self._store.outbox_next_due()
         if due is not None and due <= self._clock.now():
             self._wake.set()
@@ -99,11 +103,15 @@ class Dispatcher:
         while True:
             try:
                 self._wake.clear()
-                rows = await self._store.claim_outbox(self._clock.now(), self._batch)
-                if rows:
-                    self._spawn(rows)
-                    if len(rows) == self._batch:
-                        continue
+                self._claiming = True
+                try:
+                    rows = await self._store.claim_outbox(self._clock.now(), self._batch)
+                    if rows:
+                        self._spawn(rows)
+                finally:
+                    self._claiming = False
+                if len(rows) == self._batch:
+                    continue  # more may be due right now
                 await self._sleep_until_due()
             except asyncio.CancelledError:
                 raise
@@ -113,10 +121,10 @@ class Dispatcher:
 
     async def _sleep_until_due(self) -> None:
         due = await self._store.outbox_next_due()
-        delay = 60.0 if due is None else (due - self._clock.now()).total_seconds()
-        if delay <= 0:
+        deadline = due if due is not None else self._clock.now() + timedelta(minutes=1)
+        if deadline <= self._clock.now():
             return
-        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,7 +15,7 @@ import asyncio
 import heapq
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -298,8 +298,12 @@ class Router:
     async def _sleep(self) -> None:
         while self._expiry and self._expiry[0][1] not in self._offers:
             heapq.heappop(self._expiry)
-        delay = self._expiry[0][0] - self._clock.now().timestamp() if self._expiry else 3600.0
-        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        deadline = (
+            datetime.fromtimestamp(self._expiry[0][0], UTC)
+            if self._expiry
+            else self._clock.now() + timedelta(hours=1)
+        )
+        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -96,8 +97,12 @@ class Timers:
                 self._metrics.timers_fired.inc()
                 self._notify([accepted.conversation_id])
         self._metrics.timers_pending.set(len(self._current))
-        delay = self._heap[0][0] - now.timestamp() if self._heap else 3600.0
-        sleeper = asyncio.ensure_future(self._clock.sleep(delay))
+        deadline = (
+            datetime.fromtimestamp(self._heap[0][0], UTC)
+            if self._heap
+            else now + timedelta(hours=1)
+        )
+        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
         waker = asyncio.ensure_future(self._wake.wait())
         try:
             await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)

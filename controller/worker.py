@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from zoneinfo import ZoneInfo
 
 import structlog
 
+from controller.clock import Clock
 from controller.errors import Conflict
 from controller.facts import build_facts
 from controller.machine import Decider
@@ -27,10 +29,12 @@ from controller.store.sqlite import SqliteStore
 log = structlog.get_logger(__name__)
 
 AfterCommit = Callable[[DecisionRecord, list[Accepted]], None]
+_BATCH = 100
 
 
 class Workers:
-    """Schedules conversation tasks and decides their events."""
+    """Decides conversations' events: a bounded set of consumers takes conversations from a
+    FIFO of those with new events; a conversation is never decided by two consumers at once."""
 
     def __init__(
         self,
@@ -38,6 +42,7 @@ class Workers:
         rulebook: Callable[[], Rulebook],
         *,
         metrics: Metrics,
+        clock: Clock,
         timezone: str,
         concurrency: int,
         matcher: str,
@@ -45,14 +50,19 @@ class Workers:
         self._store = store
         self._rulebook = rulebook
         self._metrics = metrics
+        self._clock = clock
         self._tz = ZoneInfo(timezone)
         self._decider = Decider()
         self._matcher = matcher
-        self._semaphore = asyncio.Semaphore(concurrency)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._dirty: set[str] = set()
+        self._concurrency = concurrency
+        self._queue: deque[str] = deque()
+        self._queued: set[str] = set()
+        self._running: set[str] = set()
+        self._again: set[str] = set()
+        self._has_work = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._consumers: list[asyncio.Task[None]] = []
         self._after_commit: list[AfterCommit] = []
         self._recovering: set[str] = set()
         self.decided = 0
@@ -60,13 +70,23 @@ class Workers:
     def on_commit(self, hook: AfterCommit) -> None:
         self._after_commit.append(hook)
 
+    def start(self) -> None:
+        self._consumers = [
+            asyncio.create_task(self._consume(), name=f"worker-{n}")
+            for n in range(self._concurrency)
+        ]
+
     def notify(self, conversation_ids: Iterable[str]) -> None:
         """New events are committed for these conversations: decide them soon."""
         for cid in conversation_ids:
-            self._dirty.add(cid)
-            if cid not in self._tasks:
-                self._idle.clear()
-                self._tasks[cid] = asyncio.create_task(self._run(cid), name=f"conv-{cid}")
+            if cid in self._running:
+                self._again.add(cid)
+            elif cid not in self._queued:
+                self._queued.add(cid)
+                self._queue.append(cid)
+        if self._queue:
+            self._idle.clear()
+            self._has_work.set()
 
     async def recover(self) -> int:
         """At start: pick up every conversation with undecided events.
@@ -75,55 +95,59 @@ class Workers:
         died (possibly inside the native matcher), so it is decided by the reference
         evaluator; a crash on one event can never repeat at every start.
         """
-        pending = await self._store.conversations_with_pending()
-        for cid in pending:
-            events = await self._store.pending_events(cid, limit=1)
-            if events:
-                self._recovering.add(events[0].id)
-        self.notify(pending)
-        return len(pending)
+        heads = await self._store.first_pending_events()
+        self._recovering.update(event_id for _, event_id in heads)
+        self.notify(cid for cid, _ in heads)
+        return len(heads)
 
     @property
     def idle(self) -> bool:
-        return not self._tasks
+        return self._idle.is_set()
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
 
     async def stop(self) -> None:
-        tasks = list(self._tasks.values())
-        for task in tasks:
+        for task in self._consumers:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+        self._consumers = []
 
-    async def _run(self, cid: str) -> None:
-        try:
-            async with self._semaphore:
-                while cid in self._dirty:
-                    self._dirty.discard(cid)
-                    conv, events = await self._store.load_for_decision(cid)
-                    if conv is None:
-                        log.error("events_for_unknown_conversation", conversation_id=cid)
-                        return
-                    current: Conversation = conv
-                    for event in events:
-                        decided = await self._decide(current, event)
-                        if decided is None:
-                            break
-                        current = decided
-                    if len(events) == 100:
-                        self._dirty.add(cid)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("worker_failed", conversation_id=cid)
-        finally:
-            self._tasks.pop(cid, None)
-            if cid in self._dirty and cid not in self._tasks:
-                # Work arrived while finishing: start again.
-                self._tasks[cid] = asyncio.create_task(self._run(cid), name=f"conv-{cid}")
-            if not self._tasks:
-                self._idle.set()
+    async def _consume(self) -> None:
+        while True:
+            while not self._queue:
+                self._has_work.clear()
+                if not self._running:
+                    self._idle.set()
+                await self._has_work.wait()
+            cid = self._queue.popleft()
+            self._queued.discard(cid)
+            self._running.add(cid)
+            try:
+                more = await self._run(cid)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker_failed", conversation_id=cid)
+                more = False
+            finally:
+                self._running.discard(cid)
+            if more or cid in self._again:
+                self._again.discard(cid)
+                self.notify([cid])  # to the back of the line: long backlogs share the workers
+
+    async def _run(self, cid: str) -> bool:
+        """Decide a batch of the conversation's events; True if more may be waiting."""
+        conv, events = await self._store.load_for_decision(cid, limit=_BATCH)
+        if conv is None:
+            log.error("events_for_unknown_conversation", conversation_id=cid)
+            return False
+        for event in events:
+            decided = await self._decide(conv, event)
+            if decided is None:
+                return True
+            conv = decided
+        return len(events) == _BATCH
 
     async def _decide(self, conv: Conversation, event: Event) -> Conversation | None:
         started = time.perf_counter()
@@ -131,10 +155,9 @@ class Workers:
         try:
             record = self._make_record(conv, event)
             try:
-                accepted = await self._store.commit_decision(record, event.accepted_at)
+                accepted = await self._store.commit_decision(record, self._clock.now())
             except Conflict as exc:
                 log.warning("decision_conflict", reason=exc.message)
-                self._dirty.add(conv.id)
                 return None
             self._recovering.discard(event.id)
             # Events the decision emitted (conversation.closed, agent.left...) are decided next.

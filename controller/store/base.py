@@ -169,6 +169,10 @@ class Store(abc.ABC):
     async def conversations_with_pending(self) -> list[str]: ...
 
     @abc.abstractmethod
+    async def first_pending_events(self) -> list[tuple[str, str]]:
+        """(conversation id, id of its first undecided event), oldest first."""
+
+    @abc.abstractmethod
     async def event(self, event_id: str) -> Event | None: ...
 
     @abc.abstractmethod

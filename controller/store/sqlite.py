@@ -275,6 +275,20 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
+    async def first_pending_events(self) -> list[tuple[str, str]]:
+        """(conversation id, id of its first undecided event), oldest first."""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = conn.execute(
+                "SELECT e.conversation_id, e.id FROM events e JOIN ("
+                "SELECT conversation_id, MIN(seq) AS seq FROM events WHERE status = 'pending' "
+                "GROUP BY conversation_id) h ON h.conversation_id = e.conversation_id "
+                "AND h.seq = e.seq ORDER BY e.accepted_at"
+            ).fetchall()
+            return [(r[0], r[1]) for r in rows]
+
+        return await self._read(run)
+
     async def conversations_with_pending(self) -> list[str]:
         def run(conn: sqlite3.Connection) -> list[str]:
             rows = conn.execute(
@@ -356,16 +370,29 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
-    async def present_customers(self, instance: str) -> list[tuple[str, str]]:
-        """(conversation id, identity) of open conversations whose customer counts as present."""
+    async def present_customers(self, instance: str) -> list[tuple[str, str, int]]:
+        """Open conversations whose customer was last seen connected.
 
-        def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+        Returns (conversation id, identity, seq of that last presence event). Events not yet
+        decided count too, so a restart never misses a customer whose return was in flight.
+        """
+
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
             rows = conn.execute(
-                "SELECT id, identity FROM conversations WHERE instance = ? AND closed = 0 "
-                "AND json_extract(snapshot, '$.customer_present') = 1",
+                "SELECT c.id, c.identity, (SELECT e.seq || ':' || e.type FROM events e "
+                "WHERE e.conversation_id = c.id AND e.type IN ('customer.message', "
+                "'customer.returned', 'customer.disconnected') ORDER BY e.seq DESC LIMIT 1) "
+                "FROM conversations c WHERE c.instance = ? AND c.closed = 0",
                 (instance,),
             ).fetchall()
-            return [(r[0], r[1]) for r in rows]
+            found = []
+            for cid, identity, last in rows:
+                if last is None:
+                    continue
+                seq, kind = last.split(":", 1)
+                if kind != "customer.disconnected":
+                    found.append((cid, identity, int(seq)))
+            return found
 
         return await self._read(run)
 
