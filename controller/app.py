@@ -190,7 +190,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     router = Router(store, clock, metrics, workers.notify, offer_timeout=settings.timeouts.offer)
     router.set_push(app[DESK].push)
     app[ROUTER] = router
-    workers.on_commit(dispatcher.wake)
+    workers.on_commit(dispatcher.after_commit)
     workers.on_commit(timers.after_commit)
     workers.on_commit(router.after_commit)
     yield
@@ -238,7 +238,7 @@ async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
     for connector in connectors:
         await connector.start()
         started.append(connector)
-    app[DISPATCHER].start()
+    await app[DISPATCHER].start()
     app[READY].update(
         ready=True,
         timers=timers,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -18,7 +19,7 @@ import structlog
 from controller.clock import Clock
 from controller.errors import ConvctlError
 from controller.metrics import Metrics
-from controller.store.base import OutboxRow
+from controller.store.base import Committed, DecisionRecord, OutboxRow
 from controller.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
@@ -61,7 +62,10 @@ class Dispatcher:
         self._on_dead: dict[str, DeadHandler] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._lanes: dict[tuple[str, str], deque[tuple[OutboxRow, bool]]] = {}
+        self._lane_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._blocked: set[tuple[str, str]] = set()
+        self._chores: set[asyncio.Future[None]] = set()
         self._claiming = False
         self._rng = random.Random()
         self.delivered = 0
@@ -75,11 +79,31 @@ class Dispatcher:
     def wake(self, *_: object) -> None:
         self._wake.set()
 
+    def after_commit(self, record: DecisionRecord, committed: Committed) -> None:
+        self.take(committed.outbox)
+
+    def take(self, rows: list[OutboxRow]) -> None:
+        """Deliver rows just committed (and claimed in the same transaction) without polling.
+
+        A lane that is waiting for a retry, or still has older rows in the store, does not
+        take them: they are released to the store and delivered after the older ones.
+        """
+        held = []
+        for row in rows:
+            key = (row.conversation_id, row.destination)
+            if key in self._blocked:
+                held.append(row.id)
+            else:
+                self._enqueue(key, row)
+        if held:
+            self._background(self._store.outbox_release(held))
+
     async def wait_quiet(self) -> bool:
         """Wait for deliveries in flight; True if nothing is left that is due now."""
-        while self._claiming or self._inflight:
-            if self._inflight:
-                await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        while self._claiming or self._lane_tasks or self._chores:
+            pending = [*self._lane_tasks.values(), *self._chores]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
             else:
                 await asyncio.sleep(0)  # a claim is on its way to the store and back
         due = await self._store.outbox_next_due()
@@ -87,27 +111,31 @@ class Dispatcher:
             self._wake.set()
             await asyncio.sleep(0)
             return False
-        return not self._inflight
+        return not self._lane_tasks
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        # Lanes with rows left by a previous process are served from the store first.
+        self._blocked.update(await self._store.outbox_pending_lanes())
         self._task = asyncio.create_task(self._loop(), name="outbox")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        pending = [*self._lane_tasks.values(), *self._chores]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _loop(self) -> None:
+        """Poll the store for rows the fast path did not take: retries and recovered rows."""
         while True:
             try:
                 self._wake.clear()
                 self._claiming = True
                 try:
                     rows = await self._store.claim_outbox(self._clock.now(), self._batch)
-                    if rows:
-                        self._spawn(rows)
+                    for row in rows:
+                        self._enqueue((row.conversation_id, row.destination), row, stored=True)
                 finally:
                     self._claiming = False
                 if len(rows) == self._batch:
@@ -132,26 +160,41 @@ class Dispatcher:
             sleeper.cancel()
             waker.cancel()
 
-    def _spawn(self, rows: list[OutboxRow]) -> None:
-        # One task per (conversation, destination) keeps their order; others run in parallel.
-        lanes: dict[tuple[str, str], list[OutboxRow]] = {}
-        for row in rows:
-            lanes.setdefault((row.conversation_id, row.destination), []).append(row)
-        for lane in lanes.values():
-            task = asyncio.create_task(self._deliver_lane(lane))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+    def _background(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
 
-    async def _deliver_lane(self, rows: list[OutboxRow]) -> None:
+    def _enqueue(self, key: tuple[str, str], row: OutboxRow, *, stored: bool = False) -> None:
+        # One task per lane (conversation, destination) keeps its order; lanes run in parallel.
+        self._lanes.setdefault(key, deque()).append((row, stored))
+        if key not in self._lane_tasks:
+            self._lane_tasks[key] = asyncio.create_task(self._run_lane(key))
+
+    async def _run_lane(self, key: tuple[str, str]) -> None:
+        lane = self._lanes[key]
         try:
-            for i, row in enumerate(rows):
+            while lane:
+                row, stored = lane.popleft()
                 if not await self._deliver(row):
-                    # Later rows of this lane wait for the failed one: release their claims.
-                    await self._store.outbox_release([rest.id for rest in rows[i + 1 :]])
-                    return
+                    # The lane waits for the failed row's retry; rows behind it go back to
+                    # the store, to be delivered after it.
+                    self._blocked.add(key)
+                    rest = [r.id for r, _ in lane]
+                    lane.clear()
+                    await self._store.outbox_release(rest)
+                elif (
+                    stored
+                    and key in self._blocked
+                    and not lane
+                    and not await self._store.outbox_lane_pending(*key)
+                ):
+                    self._blocked.discard(key)  # caught up: new rows may take the fast path
         finally:
-            # Rows that waited behind this lane may be deliverable now.
-            self._wake.set()
+            del self._lane_tasks[key]
+            if not lane:
+                self._lanes.pop(key, None)
+            self._wake.set()  # rows that waited behind this lane may be due now
 
     def _handler(self, destination: str) -> tuple[str, Handler | None]:
         prefix = destination.split(":", 1)[0]

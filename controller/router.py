@@ -24,7 +24,7 @@ from controller.clock import Clock
 from controller.errors import Conflict, NotFound
 from controller.ids import new_id
 from controller.metrics import Metrics
-from controller.store.base import Accepted, DecisionRecord, OfferRecord
+from controller.store.base import Accepted, Committed, DecisionRecord, OfferRecord
 from controller.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
@@ -78,6 +78,7 @@ class Router:
         self._agents: dict[str, _Agent] = {}
         self._waiting: dict[str, _Waiting] = {}
         self._offers: dict[str, OfferRecord] = {}
+        self._accepting: set[str] = set()  # accepted, the agent.accepted not decided yet
         self._expiry: list[tuple[float, str]] = []
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -106,6 +107,7 @@ class Router:
                 self._agents[agent_id].conversations.add(conversation_id)
         for offer in snap.pending_offers:
             self._track_offer(offer)
+        self._accepting.update(snap.accepting)
         self._task = asyncio.create_task(self._loop(), name="router")
         self._wake.set()
 
@@ -171,10 +173,12 @@ class Router:
     async def decline(self, agent_id: str, offer_id: str) -> Accepted:
         return await self._resolve(agent_id, offer_id, "declined", "agent.declined")
 
-    def after_commit(self, record: DecisionRecord, accepted: list[Accepted]) -> None:
+    def after_commit(self, record: DecisionRecord, committed: Committed) -> None:
         """Follow a committed decision: queue membership, released and assigned agents."""
         conv = record.after
         now = self._clock.now()
+        if record.event.type == "agent.accepted":
+            self._accepting.discard(conv.id)
         for agent_id in record.released_agents:
             agent = self._agents.get(agent_id)
             if agent is not None and conv.id in agent.conversations:
@@ -185,7 +189,11 @@ class Router:
             agent = self._agents.get(agent_id)
             if agent is not None:
                 agent.conversations.add(conv.id)
-        if conv.state == "queued" and conv.enqueued_at is not None:
+        if conv.id in self._accepting:
+            # An agent accepted; its acceptance is still to be decided after earlier events
+            # of this conversation. Those may re-queue it on paper, but it is taken.
+            pass
+        elif conv.state == "queued" and conv.enqueued_at is not None:
             waiting = self._waiting.get(conv.id)
             if waiting is None or waiting.enqueued_at != conv.enqueued_at:
                 old_offer = waiting.offer_id if waiting else None
@@ -265,6 +273,7 @@ class Router:
             if status == "accepted":
                 agent.conversations.add(offer.conversation_id)
                 self._waiting.pop(offer.conversation_id, None)
+                self._accepting.add(offer.conversation_id)
             else:
                 waiting = self._waiting.get(offer.conversation_id)
                 if waiting is not None:

@@ -16,7 +16,7 @@ import structlog
 
 from controller.clock import Clock
 from controller.metrics import Metrics
-from controller.store.base import Accepted, DecisionRecord, TimerRow
+from controller.store.base import Committed, DecisionRecord, TimerRow
 from controller.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
@@ -53,7 +53,7 @@ class Timers:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def after_commit(self, record: DecisionRecord, accepted: list[Accepted]) -> None:
+    def after_commit(self, record: DecisionRecord, committed: Committed) -> None:
         cid = record.after.id
         for op in record.timers:
             if op.due_at is None:

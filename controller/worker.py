@@ -23,12 +23,12 @@ from controller.machine import Decider
 from controller.metrics import Metrics
 from controller.models import Conversation, Event
 from controller.rulebook import Rulebook
-from controller.store.base import Accepted, DecisionRecord
+from controller.store.base import Committed, DecisionRecord
 from controller.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
 
-AfterCommit = Callable[[DecisionRecord, list[Accepted]], None]
+AfterCommit = Callable[[DecisionRecord, Committed], None]
 _BATCH = 100
 
 
@@ -155,13 +155,13 @@ class Workers:
         try:
             record = self._make_record(conv, event)
             try:
-                accepted = await self._store.commit_decision(record, self._clock.now())
+                committed = await self._store.commit_decision(record, self._clock.now())
             except Conflict as exc:
                 log.warning("decision_conflict", reason=exc.message)
                 return None
             self._recovering.discard(event.id)
             # Events the decision emitted (conversation.closed, agent.left...) are decided next.
-            self.notify(a.conversation_id for a in accepted if not a.duplicate)
+            self.notify(a.conversation_id for a in committed.accepted if not a.duplicate)
             record.after.version = conv.version + 1
             self.decided += 1
             self._metrics.decisions.labels(record.outcome, record.matcher).inc()
@@ -174,7 +174,7 @@ class Workers:
                 ).inc()
             for hook in self._after_commit:
                 try:
-                    hook(record, accepted)
+                    hook(record, committed)
                 except Exception:
                     log.exception("after_commit_hook_failed")
             return record.after

@@ -3,6 +3,7 @@
 from controller.store.base import (
     Accepted,
     AgentRecord,
+    Committed,
     DecisionRecord,
     Message,
     NewOutbox,
@@ -17,6 +18,7 @@ from controller.store.base import (
 __all__ = [
     "Accepted",
     "AgentRecord",
+    "Committed",
     "DecisionRecord",
     "Message",
     "NewOutbox",

@@ -51,6 +51,15 @@ class OutboxRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Committed:
+    """What a committed decision produced: its emitted events and its outbox rows (claimed in
+    the same transaction, so the dispatcher can deliver them without polling)."""
+
+    accepted: list[Accepted]
+    outbox: list[OutboxRow]
+
+
+@dataclass(frozen=True, slots=True)
 class TimerOp:
     """Set (``due_at`` given) or delete (``due_at`` None) the named timer of a conversation."""
 
@@ -138,6 +147,7 @@ class RouterSnapshot:
     pending_offers: list[OfferRecord]
     assignments: list[tuple[str, str]]  # (agent_id, conversation_id)
     tried: list[tuple[str, str]]  # (conversation_id, agent_id) that declined or let an offer expire
+    accepting: list[str]  # conversations whose agent.accepted event is not decided yet
 
 
 class Store(abc.ABC):
@@ -192,7 +202,7 @@ class Store(abc.ABC):
     ) -> str | None: ...
 
     @abc.abstractmethod
-    async def commit_decision(self, record: DecisionRecord, now: datetime) -> list[Accepted]:
+    async def commit_decision(self, record: DecisionRecord, now: datetime) -> Committed:
         """Apply one decision atomically; raises Conflict if the snapshot version moved."""
 
     @abc.abstractmethod
@@ -219,6 +229,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def outbox_next_due(self) -> datetime | None: ...
+
+    @abc.abstractmethod
+    async def outbox_pending_lanes(self) -> list[tuple[str, str]]:
+        """(conversation, destination) lanes with undelivered rows."""
+
+    @abc.abstractmethod
+    async def outbox_lane_pending(self, conversation_id: str, destination: str) -> int: ...
 
     @abc.abstractmethod
     async def outbox_rows(self, status: str | None = None) -> list[dict[str, Any]]: ...

@@ -28,6 +28,7 @@ from controller.models import Conversation, Event, NewEvent
 from controller.store.base import (
     Accepted,
     AgentRecord,
+    Committed,
     DecisionRecord,
     Message,
     OfferRecord,
@@ -396,8 +397,8 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
-    async def commit_decision(self, record: DecisionRecord, now: datetime) -> list[Accepted]:
-        def run(conn: sqlite3.Connection) -> list[Accepted]:
+    async def commit_decision(self, record: DecisionRecord, now: datetime) -> Committed:
+        def run(conn: sqlite3.Connection) -> Committed:
             return _commit_decision(conn, record, now)
 
         return await self._write(run)
@@ -493,6 +494,26 @@ class SqliteStore(Store):
                 f"AND o.claimed = 0 AND {_HEAD_OF_LANE}"
             ).fetchone()
             return _dt(row[0]) if row and row[0] is not None else None
+
+        return await self._read(run)
+
+    async def outbox_pending_lanes(self) -> list[tuple[str, str]]:
+        def run(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = conn.execute(
+                "SELECT DISTINCT conversation_id, destination FROM outbox WHERE status = 'pending'"
+            ).fetchall()
+            return [(r[0], r[1]) for r in rows]
+
+        return await self._read(run)
+
+    async def outbox_lane_pending(self, conversation_id: str, destination: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE status = 'pending' AND conversation_id = ? "
+                "AND destination = ?",
+                (conversation_id, destination),
+            ).fetchone()
+            return int(row[0])
 
         return await self._read(run)
 
@@ -634,7 +655,14 @@ class SqliteStore(Store):
                     "AND o.created_at >= COALESCE(c.enqueued_at, 0)"
                 )
             ]
-            return RouterSnapshot(agents, queued, offers, assignments, tried)
+            accepting = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT o.conversation_id FROM offers o JOIN events e ON e.source = 'router' "
+                    "AND e.dedupe_key = o.id || ':accepted' WHERE e.status = 'pending'"
+                )
+            ]
+            return RouterSnapshot(agents, queued, offers, assignments, tried, accepting)
 
         return await self._read(run)
 
@@ -877,9 +905,7 @@ def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) ->
     return conv_id
 
 
-def _commit_decision(
-    conn: sqlite3.Connection, rec: DecisionRecord, now: datetime
-) -> list[Accepted]:
+def _commit_decision(conn: sqlite3.Connection, rec: DecisionRecord, now: datetime) -> Committed:
     after = rec.after
     snapshot = after.model_dump_json(exclude={"version"})
     updated = conn.execute(
@@ -920,23 +946,23 @@ def _commit_decision(
             _ts(now),
         ),
     )
-    if rec.outbox:
-        conn.executemany(
-            "INSERT INTO outbox (conversation_id, event_id, n, destination, payload, "
-            "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    after.id,
-                    rec.event.id,
-                    n,
-                    row.destination,
-                    json.dumps(row.payload, separators=(",", ":")),
-                    _ts(now),
-                    _ts(now),
-                )
-                for n, row in enumerate(rec.outbox)
-            ],
-        )
+    outbox: list[OutboxRow] = []
+    for n, new in enumerate(rec.outbox):
+        # Claimed at once: the dispatcher takes these rows from memory after the commit.
+        row_id = conn.execute(
+            "INSERT INTO outbox (conversation_id, event_id, n, destination, payload, claimed, "
+            "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 1, ?, ?) RETURNING id",
+            (
+                after.id,
+                rec.event.id,
+                n,
+                new.destination,
+                json.dumps(new.payload, separators=(",", ":")),
+                _ts(now),
+                _ts(now),
+            ),
+        ).fetchone()[0]
+        outbox.append(OutboxRow(row_id, after.id, rec.event.id, n, new.destination, new.payload, 0))
     for op in rec.timers:
         if op.due_at is None:
             conn.execute(
@@ -975,7 +1001,8 @@ def _commit_decision(
         conn.execute(
             "INSERT OR IGNORE INTO assignments VALUES (?, ?, ?)", (agent_id, after.id, _ts(now))
         )
-    return [_accept_one(conn, ev, now, allow_closed=True) for ev in rec.emitted]
+    accepted = [_accept_one(conn, ev, now, allow_closed=True) for ev in rec.emitted]
+    return Committed(accepted, outbox)
 
 
 def _agent_from_row(row: sqlite3.Row) -> AgentRecord:
