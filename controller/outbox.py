@@ -183,6 +183,7 @@ class Dispatcher:
                     rest = [r.id for r, _ in lane]
                     lane.clear()
                     await self._store.outbox_release(rest)
+                    self._wake.set()  # the released rows are the poller's now
                 elif (
                     stored
                     and key in self._blocked
@@ -194,7 +195,8 @@ class Dispatcher:
             del self._lane_tasks[key]
             if not lane:
                 self._lanes.pop(key, None)
-            self._wake.set()  # rows that waited behind this lane may be due now
+            if key in self._blocked:
+                self._wake.set()  # stored rows that waited behind this lane may be due now
 
     def _handler(self, destination: str) -> tuple[str, Handler | None]:
         prefix = destination.split(":", 1)[0]

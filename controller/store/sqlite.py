@@ -132,17 +132,22 @@ class _Writer(threading.Thread):
                 conn.execute("ROLLBACK")
             log.error("sqlite_commit_failed", error=str(exc), jobs=len(batch))
             outcomes = [(False, exc)] * len(batch)
+        # One wake-up of each event loop per batch, not one per job.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-            fut.get_loop().call_soon_threadsafe(_settle, fut, ok, value)
+            by_loop.setdefault(fut.get_loop(), []).append((fut, ok, value))
+        for loop, results in by_loop.items():
+            loop.call_soon_threadsafe(_settle, results)
 
 
-def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
-    if fut.cancelled():
-        return
-    if ok:
-        fut.set_result(value)
-    else:
-        fut.set_exception(value)
+def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in results:
+        if fut.cancelled():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 def _event_from_row(row: sqlite3.Row) -> Event:
