@@ -21,9 +21,9 @@ RUN pip install --no-cache-dir --no-index --find-links=/wheels convctl \
  && rm -rf /wheels
 USER convctl
 WORKDIR /home/convctl
-# The prod profile refuses to start without CONVCTL_SESSION_SECRET, CONVCTL_ADMIN_TOKEN and
-# CONVCTL_AGENT_TOKEN. Mount analysts' rules and point CONVCTL_RULES_DIR at them, or keep
-# the packaged default rules.
+# The prod profile refuses to start without CONVCTL_SESSION_SECRET and CONVCTL_ADMIN_TOKEN.
+# Mount the analysts' rules and point CONVCTL_RULES_DIR at them, or keep the packaged
+# default rules.
 ENV CONVCTL_PROFILE=prod \
     CONVCTL_HOST=0.0.0.0 \
     CONVCTL_PORT=8080 \

@@ -158,19 +158,33 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"invalid settings: {exc}") from exc
 
 
-_SECRET_FIELDS = ("session_secret", "admin_token", "agent_token")
+_REQUIRED_SECRETS = ("session_secret", "admin_token")
+_DEV_SECRETS = (*_REQUIRED_SECRETS, "agent_token")
+
+
+def _is_placeholder(value: str) -> bool:
+    return value.strip().lower() in _PLACEHOLDERS
 
 
 def ensure_secrets(settings: Settings) -> tuple[Settings, list[str]]:
-    """Fill missing secrets (dev) or refuse (prod). Returns the settings and the names generated."""
-    missing = [f for f in _SECRET_FIELDS if getattr(settings, f).strip().lower() in _PLACEHOLDERS]
+    """Fill missing secrets (dev) or refuse (prod). Returns the settings and the names generated.
+
+    The prod profile needs the session secret and the admin token; an agent token set there
+    must not be a placeholder either (agents normally get tokens from the API).
+    """
+    if settings.profile == "prod":
+        bad = [f for f in _REQUIRED_SECRETS if _is_placeholder(getattr(settings, f))]
+        if settings.agent_token and _is_placeholder(settings.agent_token):
+            bad.append("agent_token")
+        if bad:
+            raise ConfigError(
+                "missing or placeholder secrets in the prod profile: "
+                + ", ".join(f"CONVCTL_{f.upper()}" for f in bad)
+            )
+        return settings, []
+    missing = [f for f in _DEV_SECRETS if _is_placeholder(getattr(settings, f))]
     if not missing:
         return settings, []
-    if settings.profile == "prod":
-        raise ConfigError(
-            "missing or placeholder secrets in the prod profile: "
-            + ", ".join(f"CONVCTL_{f.upper()}" for f in missing)
-        )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     secrets_file = settings.data_dir / "secrets.json"
     stored: dict[str, str] = {}

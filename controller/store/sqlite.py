@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from controller.errors import Conflict, NotFound
+from controller.errors import Conflict, ConvctlError, NotFound
 from controller.ids import new_id
 from controller.models import Conversation, Event, NewEvent
 from controller.store.base import (
@@ -112,32 +112,42 @@ class _Writer(threading.Thread):
     def _run_batch(
         self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
     ) -> None:
-        conn = self._conn
-        outcomes: list[tuple[bool, Any]] = []
+        # The whole group in one transaction. If a job fails, the group is rolled back and
+        # every job runs again in a transaction of its own, so one failing job never spoils
+        # the others (failures are rare: a version conflict, a closed conversation).
+        jobs = [fn for fn, _ in batch]
+        outcomes: list[tuple[bool, Any]]
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for fn, _ in batch:
-                conn.execute("SAVEPOINT job")
-                try:
-                    outcomes.append((True, fn(conn)))
-                    conn.execute("RELEASE job")
-                except Exception as exc:  # reported to the job's caller, not swallowed
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    outcomes.append((False, exc))
-            conn.execute("COMMIT")
-            self.transactions += 1
-        except Exception as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            log.error("sqlite_commit_failed", error=str(exc), jobs=len(batch))
-            outcomes = [(False, exc)] * len(batch)
+            outcomes = [(True, value) for value in self._transaction(jobs)]
+        except Exception:
+            outcomes = [self._alone(fn) for fn in jobs]
         # One wake-up of each event loop per batch, not one per job.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
             by_loop.setdefault(fut.get_loop(), []).append((fut, ok, value))
         for loop, results in by_loop.items():
             loop.call_soon_threadsafe(_settle, results)
+
+    def _transaction(self, jobs: list[Callable[[sqlite3.Connection], Any]]) -> list[Any]:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [fn(conn) for fn in jobs]
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.transactions += 1
+        return results
+
+    def _alone(self, job: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
+        try:
+            return True, self._transaction([job])[0]
+        except Exception as exc:  # handed to the job's caller, never swallowed
+            if not isinstance(exc, ConvctlError):
+                log.error("sqlite_transaction_failed", error=repr(exc))
+            return False, exc
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
