@@ -86,6 +86,21 @@ class ConversationMachine(StateMachine):
     finish_wrap_up = wrap_up.to(closed)
 
 
+def _copy(conv: Conversation) -> Conversation:
+    """A copy whose mutable parts ``apply`` may change (cheaper than a deep copy: timer refs
+    and attribute values are replaced, never changed in place)."""
+    return conv.model_copy(
+        update={
+            "participants": [p.model_copy() for p in conv.participants],
+            "skills": list(conv.skills),
+            "attributes": dict(conv.attributes),
+            "labels": list(conv.labels),
+            "timers": dict(conv.timers),
+            "timer_generations": dict(conv.timer_generations),
+        }
+    )
+
+
 class Refused(Exception):
     """An action or event that the conversation's state does not allow."""
 
@@ -136,7 +151,7 @@ class Decider:
         rules_version: str,
         matcher: str,
     ) -> DecisionRecord:
-        conv = snapshot.model_copy(deep=True)
+        conv = _copy(snapshot)
         now = event.accepted_at
         work = _Work(
             conv=conv,
@@ -192,7 +207,7 @@ class Decider:
         return DecisionRecord(
             event=event,
             before_version=snapshot.version,
-            after=snapshot.model_copy(deep=True),
+            after=_copy(snapshot),
             rules_version=rules_version,
             matcher="none",
             outcome=outcome,

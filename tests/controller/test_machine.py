@@ -164,3 +164,21 @@ def test_a_bot_reply_after_handoff_is_dropped() -> None:
     record = _apply(_conv("queued"), _event("bot.message", bot="demo", text="late answer"))
     assert record.outbox == [] and record.messages == []
     assert record.refused and "no longer in the conversation" in record.refused[0]["reason"]
+
+
+def test_apply_leaves_the_snapshot_it_was_given_unchanged() -> None:
+    conv = _conv(
+        "agent",
+        participants=[Participant(role="agent", id="alice", primary=True, joined_at=NOW)],
+        handled_by_agent=True,
+        attributes={"topic": "billing"},
+        labels=["vip"],
+    )
+    before = conv.model_dump()
+    record = _apply(
+        conv,
+        _event("agent.left", agent_id="alice"),
+        ("r", [Route(queue="support"), Label(label="rerouted"), StartTimer(name="t", after=5)]),
+    )
+    assert conv.model_dump() == before
+    assert record.after.state == "queued" and record.after.labels == ["vip", "rerouted"]
