@@ -50,3 +50,14 @@ class ManualClock:
     def advance(self, seconds: float) -> None:
         self._now += timedelta(seconds=seconds)
         self._changed.set()
+
+
+async def sleep_until_woken(clock: Clock, deadline: datetime, wake: asyncio.Event) -> None:
+    """Return at ``deadline`` or as soon as ``wake`` is set, whichever comes first."""
+    sleeper = asyncio.ensure_future(clock.sleep_until(deadline))
+    waker = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        sleeper.cancel()
+        waker.cancel()

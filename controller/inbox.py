@@ -9,8 +9,7 @@ import structlog
 from controller.clock import Clock
 from controller.metrics import Metrics
 from controller.models import NewEvent
-from controller.store.base import Accepted
-from controller.store.sqlite import SqliteStore
+from controller.store.base import Accepted, Store
 
 log = structlog.get_logger(__name__)
 
@@ -18,7 +17,7 @@ log = structlog.get_logger(__name__)
 class Inbox:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         clock: Clock,
         metrics: Metrics,
         notify: Callable[[Iterable[str]], None],

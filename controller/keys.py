@@ -18,14 +18,14 @@ if TYPE_CHECKING:
     from controller.outbox import Dispatcher
     from controller.router import Router
     from controller.rules import RulebookHolder
-    from controller.store.sqlite import SqliteStore
+    from controller.store.base import Store
     from controller.timers import Timers
     from controller.worker import Workers
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 CLOCK: web.AppKey[Clock] = web.AppKey("clock")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
-STORE: web.AppKey[SqliteStore] = web.AppKey("store")
+STORE: web.AppKey[Store] = web.AppKey("store")
 RULES: web.AppKey[RulebookHolder] = web.AppKey("rules")
 INBOX: web.AppKey[Inbox] = web.AppKey("inbox")
 WORKERS: web.AppKey[Workers] = web.AppKey("workers")

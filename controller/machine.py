@@ -462,7 +462,9 @@ class Decider:
         ):
             self._emit(w, "conversation.unattended", {"state": conv.state})
 
-    def _transcript(self, w: _Work, role: str, sender: str, text: str) -> Message:
+    def _transcript(
+        self, w: _Work, role: str, sender: str, text: str, visibility: str = "all"
+    ) -> Message:
         msg = Message(
             id=w.next_id(),
             conversation_id=w.conv.id,
@@ -470,6 +472,7 @@ class Decider:
             sender_id=sender,
             text=text,
             created_at=w.now,
+            visibility=visibility,
         )
         w.record.messages.append(msg)
         return msg
@@ -507,17 +510,7 @@ class Decider:
         if not agents:
             return
         if kind in ("suggestion", "whisper", "system"):
-            msg = Message(
-                id=w.next_id(),
-                conversation_id=w.conv.id,
-                sender_role=role,
-                sender_id=sender,
-                text=text,
-                created_at=w.now,
-                visibility="agents",
-            )
-            w.record.messages.append(msg)
-            message_id = msg.id
+            message_id = self._transcript(w, role, sender, text, visibility="agents").id
         self._outbox(
             w,
             "desk",

@@ -16,11 +16,10 @@ from datetime import timedelta
 
 import structlog
 
-from controller.clock import Clock
+from controller.clock import Clock, sleep_until_woken
 from controller.errors import ConvctlError
 from controller.metrics import Metrics
-from controller.store.base import Committed, DecisionRecord, OutboxRow
-from controller.store.sqlite import SqliteStore
+from controller.store.base import Committed, DecisionRecord, OutboxRow, Store
 
 log = structlog.get_logger(__name__)
 
@@ -42,7 +41,7 @@ DeadHandler = Callable[[OutboxRow, str], Awaitable[None]]
 class Dispatcher:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         clock: Clock,
         metrics: Metrics,
         *,
@@ -152,13 +151,7 @@ class Dispatcher:
         deadline = due if due is not None else self._clock.now() + timedelta(minutes=1)
         if deadline <= self._clock.now():
             return
-        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await sleep_until_woken(self._clock, deadline, self._wake)
 
     def _background(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -20,12 +20,11 @@ from typing import Any
 
 import structlog
 
-from controller.clock import Clock
+from controller.clock import Clock, sleep_until_woken
 from controller.errors import Conflict, NotFound
 from controller.ids import new_id
 from controller.metrics import Metrics
-from controller.store.base import Accepted, Committed, DecisionRecord, OfferRecord
-from controller.store.sqlite import SqliteStore
+from controller.store.base import Accepted, Committed, DecisionRecord, OfferRecord, Store
 
 log = structlog.get_logger(__name__)
 
@@ -63,7 +62,7 @@ class _Waiting:
 class Router:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         clock: Clock,
         metrics: Metrics,
         notify: Callable[[Iterable[str]], None],
@@ -312,13 +311,7 @@ class Router:
             if self._expiry
             else self._clock.now() + timedelta(hours=1)
         )
-        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await sleep_until_woken(self._clock, deadline, self._wake)
 
     async def _expire_due(self) -> None:
         now = self._clock.now()

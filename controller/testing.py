@@ -26,7 +26,7 @@ from controller.clock import Clock
 from controller.keys import DISPATCHER, STORE, WORKERS
 from controller.models import Conversation
 from controller.settings import Settings
-from controller.store.sqlite import SqliteStore
+from controller.store.base import Store
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "rules"
 Frame = dict[str, Any]
@@ -74,7 +74,7 @@ class Service:
         await self._runner.cleanup()
 
     @property
-    def store(self) -> SqliteStore:
+    def store(self) -> Store:
         return self.app[STORE]
 
     async def settle(self) -> None:
@@ -210,6 +210,13 @@ class WebChatClient(FrameReader):
             lambda f: f.get("client_id") == cid and f["type"] in ("ack", "error"), after=seen
         )
 
+    async def start_with_bot(self, text: str = "hi") -> str:
+        """Write ``text``, wait for the bot's answer; return the conversation id."""
+        ack = await self.say(text)
+        assert ack["type"] == "ack", ack
+        await self.wait_message("bot")
+        return str(ack["conversation_id"])
+
     async def wait_message(self, sender: str, contains: str = "", **kw: Any) -> Frame:
         return await self.wait_for(
             lambda f: f["type"] == "message" and f["from"] == sender and contains in f["text"], **kw
@@ -268,6 +275,13 @@ class AgentClient(FrameReader):
             ),
             **kw,
         )
+
+    async def take(self, conversation_id: str) -> Frame:
+        """Wait for the conversation's offer and accept it."""
+        offer = await self.wait_offer(conversation_id)
+        ack = await self.accept(offer["offer_id"])
+        assert ack["type"] == "ack", ack
+        return ack
 
     async def accept(self, offer_id: str) -> Frame:
         return await self.command({"type": "accept", "offer_id": offer_id})

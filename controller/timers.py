@@ -14,10 +14,9 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from controller.clock import Clock
+from controller.clock import Clock, sleep_until_woken
 from controller.metrics import Metrics
-from controller.store.base import Committed, DecisionRecord, TimerRow
-from controller.store.sqlite import SqliteStore
+from controller.store.base import Committed, DecisionRecord, Store, TimerRow
 
 log = structlog.get_logger(__name__)
 
@@ -25,7 +24,7 @@ log = structlog.get_logger(__name__)
 class Timers:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         clock: Clock,
         metrics: Metrics,
         notify: Callable[[Iterable[str]], None],
@@ -102,10 +101,4 @@ class Timers:
             if self._heap
             else now + timedelta(hours=1)
         )
-        sleeper = asyncio.ensure_future(self._clock.sleep_until(deadline))
-        waker = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            waker.cancel()
+        await sleep_until_woken(self._clock, deadline, self._wake)

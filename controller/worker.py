@@ -23,8 +23,7 @@ from controller.machine import Decider
 from controller.metrics import Metrics
 from controller.models import Conversation, Event
 from controller.rulebook import Rulebook
-from controller.store.base import Committed, DecisionRecord
-from controller.store.sqlite import SqliteStore
+from controller.store.base import Committed, DecisionRecord, Store
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +37,7 @@ class Workers:
 
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         rulebook: Callable[[], Rulebook],
         *,
         metrics: Metrics,

@@ -172,11 +172,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def pending_events(self, conversation_id: str, limit: int = 100) -> list[Event]:
-        """Undecided events of one conversation, in sequence order."""
-
-    @abc.abstractmethod
-    async def conversations_with_pending(self) -> list[str]: ...
+    async def load_for_decision(
+        self, conversation_id: str, limit: int = 100
+    ) -> tuple[Conversation | None, list[Event]]:
+        """The snapshot and its undecided events (in sequence order), read together."""
 
     @abc.abstractmethod
     async def first_pending_events(self) -> list[tuple[str, str]]:
@@ -197,9 +196,15 @@ class Store(abc.ABC):
     async def load_conversation(self, conversation_id: str) -> Conversation | None: ...
 
     @abc.abstractmethod
-    async def open_conversation_id(
+    async def latest_conversation_id(
         self, instance: str, endpoint: str, identity: str
-    ) -> str | None: ...
+    ) -> str | None:
+        """The newest conversation of an identity, open or closed (for a returning visitor)."""
+
+    @abc.abstractmethod
+    async def present_customers(self, instance: str) -> list[tuple[str, str, int]]:
+        """Open conversations whose customer was last seen connected:
+        (conversation id, identity, seq of that last presence event)."""
 
     @abc.abstractmethod
     async def commit_decision(self, record: DecisionRecord, now: datetime) -> Committed:
@@ -262,6 +267,10 @@ class Store(abc.ABC):
     async def set_presence(self, agent_id: str, presence: str, now: datetime) -> None: ...
 
     @abc.abstractmethod
+    async def touch_agent_idle(self, agent_id: str, now: datetime) -> None:
+        """Record that an agent became free, for longest-idle routing."""
+
+    @abc.abstractmethod
     async def router_snapshot(self) -> RouterSnapshot: ...
 
     @abc.abstractmethod
@@ -282,11 +291,11 @@ class Store(abc.ABC):
     async def offer(self, offer_id: str) -> OfferRecord | None: ...
 
     @abc.abstractmethod
-    async def agent_conversations(self, agent_id: str) -> list[str]: ...
-
-    # tokens ------------------------------------------------------------------------------
-    @abc.abstractmethod
     async def put_token(self, token_hash: str, role: str, subject: str, now: datetime) -> None: ...
+
+    @abc.abstractmethod
+    async def count(self, table: str) -> int:
+        """Rows in one of the main tables (for tests, benchmarks and operators)."""
 
     @abc.abstractmethod
     async def token(self, token_hash: str) -> tuple[str, str] | None:

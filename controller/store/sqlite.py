@@ -260,17 +260,6 @@ class SqliteStore(Store):
 
         return await self._write(run)
 
-    async def pending_events(self, conversation_id: str, limit: int = 100) -> list[Event]:
-        def run(conn: sqlite3.Connection) -> list[Event]:
-            rows = conn.execute(
-                "SELECT * FROM events WHERE conversation_id = ? AND status = 'pending' "
-                "ORDER BY seq LIMIT ?",
-                (conversation_id, limit),
-            ).fetchall()
-            return [_event_from_row(r) for r in rows]
-
-        return await self._read(run)
-
     async def load_for_decision(
         self, conversation_id: str, limit: int = 100
     ) -> tuple[Conversation | None, list[Event]]:
@@ -302,16 +291,6 @@ class SqliteStore(Store):
                 "AND h.seq = e.seq ORDER BY e.accepted_at"
             ).fetchall()
             return [(r[0], r[1]) for r in rows]
-
-        return await self._read(run)
-
-    async def conversations_with_pending(self) -> list[str]:
-        def run(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute(
-                "SELECT conversation_id, MIN(seq) FROM events WHERE status = 'pending' "
-                "GROUP BY conversation_id ORDER BY MIN(accepted_at)"
-            ).fetchall()
-            return [r[0] for r in rows]
 
         return await self._read(run)
 
@@ -359,17 +338,6 @@ class SqliteStore(Store):
     # conversations -----------------------------------------------------------------------
     async def load_conversation(self, conversation_id: str) -> Conversation | None:
         return await self._read(lambda conn: _load_conversation(conn, conversation_id))
-
-    async def open_conversation_id(self, instance: str, endpoint: str, identity: str) -> str | None:
-        def run(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT id FROM conversations WHERE instance = ? AND endpoint = ? "
-                "AND identity = ? AND closed = 0",
-                (instance, endpoint, identity),
-            ).fetchone()
-            return row[0] if row else None
-
-        return await self._read(run)
 
     async def latest_conversation_id(
         self, instance: str, endpoint: str, identity: str
@@ -750,17 +718,6 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
-    async def agent_conversations(self, agent_id: str) -> list[str]:
-        def run(conn: sqlite3.Connection) -> list[str]:
-            rows = conn.execute(
-                "SELECT conversation_id FROM assignments WHERE agent_id = ? ORDER BY since",
-                (agent_id,),
-            ).fetchall()
-            return [r[0] for r in rows]
-
-        return await self._read(run)
-
-    # tokens ------------------------------------------------------------------------------
     async def put_token(self, token_hash: str, role: str, subject: str, now: datetime) -> None:
         await self._write(
             lambda conn: conn.execute(

@@ -42,7 +42,6 @@ async def test_hi_gets_a_bot_answer_and_agent_gets_the_conversation(service: Ser
     bot_texts = customer.texts("bot")
     assert len(bot_texts) == 2  # the greeting and "Let me find an agent"
     await customer.close()
-    await alice.close()
 
 
 async def test_agent_leaves_and_another_agent_gets_it_with_raised_priority(
@@ -54,16 +53,14 @@ async def test_agent_leaves_and_another_agent_gets_it_with_raised_priority(
     await alice.available()
     ack = await customer.say("agent")
     conversation_id = ack["conversation_id"]
-    offer = await alice.wait_offer(conversation_id)
-    await alice.accept(offer["offer_id"])
+    await alice.take(conversation_id)
     await customer.wait_message("controller", "now chatting with alice")
     await bob.available()
 
     left = await alice.command({"type": "leave", "conversation_id": conversation_id})
     assert left["type"] == "ack", left
     await customer.wait_message("controller", "Another agent will be with you shortly")
-    offer = await bob.wait_offer(conversation_id)
-    await bob.accept(offer["offer_id"])
+    await bob.take(conversation_id)
     await customer.wait_message("controller", "now chatting with bob")
 
     await service.settle()
@@ -76,8 +73,6 @@ async def test_agent_leaves_and_another_agent_gets_it_with_raised_priority(
     me = await (await alice.http.get(service.base_url + "/api/v1/agents/me")).json()
     assert me["conversations"] == []
     await customer.close()
-    await alice.close()
-    await bob.close()
 
 
 async def test_offer_not_answered_moves_to_the_next_agent(
@@ -95,25 +90,20 @@ async def test_offer_not_answered_moves_to_the_next_agent(
 
     clock.advance(service.settings.timeouts.offer + 1)
     await customer.wait_message("controller", "Thank you for waiting")
-    offer = await bob.wait_offer(conversation_id)
-    await bob.accept(offer["offer_id"])
+    await bob.take(conversation_id)
     await customer.wait_message("controller", "now chatting with bob")
     await service.settle()
     events = [ev.type for ev, _ in await service.store.events(conversation_id)]
     # Exactly two offers: the re-queue decided after bob's acceptance must not offer it again.
     assert events.count("agent.offered") == 2, events
     assert events.count("agent.offer_expired") == 1
-    for c in (customer, alice, bob):
-        await c.close()
 
 
 async def test_customer_closes_page_and_does_not_return(
     service: Service, clock: ManualClock
 ) -> None:
     customer = await service.customer()
-    ack = await customer.say("hi")
-    conversation_id = ack["conversation_id"]
-    await customer.wait_message("bot")
+    conversation_id = await customer.start_with_bot()
     await customer.close()
     await service.until(conversation_id, lambda c: "customer_grace" in c.timers)
     conv = await service.store.load_conversation(conversation_id)
@@ -135,9 +125,7 @@ async def test_customer_who_returns_in_time_keeps_the_conversation(
     service: Service, clock: ManualClock
 ) -> None:
     customer = await service.customer()
-    ack = await customer.say("hi")
-    conversation_id = ack["conversation_id"]
-    await customer.wait_message("bot")
+    conversation_id = await customer.start_with_bot()
     token = customer.token
     await customer.close()
     await service.until(conversation_id, lambda c: "customer_grace" in c.timers)
@@ -161,9 +149,7 @@ async def test_idle_customer_gets_a_reminder_then_the_conversation_closes(
     service: Service, clock: ManualClock
 ) -> None:
     customer = await service.customer()
-    ack = await customer.say("hi")
-    conversation_id = ack["conversation_id"]
-    await customer.wait_message("bot")
+    conversation_id = await customer.start_with_bot()
     await service.settle()
 
     clock.advance(service.settings.timeouts.idle_reminder + 1)
@@ -207,8 +193,7 @@ async def test_agent_close_goes_through_wrap_up(
     await alice.available()
     ack = await customer.say("agent")
     conversation_id = ack["conversation_id"]
-    offer = await alice.wait_offer(conversation_id)
-    await alice.accept(offer["offer_id"])
+    await alice.take(conversation_id)
     await customer.wait_message("controller", "alice")
     await customer.close()  # the customer leaves; the agent is alone
     await service.until(conversation_id, lambda c: "customer_grace" in c.timers)
@@ -223,7 +208,6 @@ async def test_agent_close_goes_through_wrap_up(
     assert conv is not None and conv.attributes["disposition"] == disposition
     me = await (await alice.http.get(service.base_url + "/api/v1/agents/me")).json()
     assert me["conversations"] == []
-    await alice.close()
 
 
 async def _until_state(service: Service, conversation_id: str, state: str) -> None:

@@ -71,8 +71,7 @@ async def _agent_in_conversation(service: Service) -> tuple[str, object]:
     alice = await service.agent("alice")
     await alice.available()
     ack = await customer.say("agent")
-    offer = await alice.wait_offer(ack["conversation_id"])
-    await alice.accept(offer["offer_id"])
+    await alice.take(ack["conversation_id"])
     await customer.wait_message("controller", "alice")
     return ack["conversation_id"], alice
 
