@@ -37,6 +37,7 @@ class Timers:
         # (conversation, name) -> generation currently wanted; heap entries of other
         # generations are skipped when popped (lazy deletion).
         self._current: dict[tuple[str, str], int] = {}
+        self._names: dict[str, set[str]] = {}  # conversation -> names in _current
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -56,16 +57,25 @@ class Timers:
         cid = record.after.id
         for op in record.timers:
             if op.due_at is None:
-                self._current.pop((cid, op.name), None)
+                self._forget(cid, op.name)
             else:
                 self._push(TimerRow(cid, op.name, op.generation, op.due_at))
-        if record.after.state == "closed":
-            for key in [k for k in self._current if k[0] == cid]:
-                del self._current[key]
+        if record.after.state == "closed":  # closing cancels every timer of the conversation
+            for name in list(self._names.get(cid, ())):
+                self._forget(cid, name)
         self._metrics.timers_pending.set(len(self._current))
+
+    def _forget(self, cid: str, name: str) -> None:
+        self._current.pop((cid, name), None)
+        names = self._names.get(cid)
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del self._names[cid]
 
     def _push(self, row: TimerRow) -> None:
         self._current[(row.conversation_id, row.name)] = row.generation
+        self._names.setdefault(row.conversation_id, set()).add(row.name)
         heapq.heappush(
             self._heap, (row.due_at.timestamp(), row.conversation_id, row.name, row.generation)
         )
@@ -91,7 +101,7 @@ class Timers:
             row = TimerRow(cid, name, generation, now)
             accepted = await self._store.fire_timer(row, now)
             if self._current.get((cid, name)) == generation:
-                del self._current[(cid, name)]
+                self._forget(cid, name)
             if accepted is not None:
                 self._metrics.timers_fired.inc()
                 self._notify([accepted.conversation_id])
