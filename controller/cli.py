@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument(
         "path", nargs="?", help="a rules folder or file (default: the configured one)"
     )
+    test = rules_sub.add_parser("test", help="run rule scenarios on a simulated clock")
+    test.add_argument(
+        "path", nargs="?", help="a scenario file or folder (default: <rules folder>/tests)"
+    )
+    test.add_argument("--rules", help="the rules folder or file (default: the configured one)")
+    test.add_argument("--matcher", choices=["reference", "durable"], default="reference")
     tokens = sub.add_parser("tokens", help="API tokens")
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     create = tokens_sub.add_parser("create", help="create a token and print it once")
@@ -47,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(settings.model_copy(update=overrides))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
+        if args.command == "rules" and args.rules_command == "test":
+            return _rules_test(settings, args.path, args.rules, args.matcher)
         if args.command == "rules":
             return _rules_check(settings, args.path)
         if args.command == "tokens":
@@ -103,6 +111,30 @@ def _rules_check(settings: Settings, path: str | None) -> int:
     print(f"{target}: {len(book.rules)} rules, version {book.version}: ok")
     book.close()
     return 0
+
+
+def _rules_test(settings: Settings, path: str | None, rules: str | None, matcher: str) -> int:
+    """Run scenario files against the rules: 0 all pass, 1 a scenario fails, 2 invalid files."""
+    from controller.scenarios import ScenarioError, load_scenarios, run_scenarios
+
+    rules_dir = Path(rules) if rules else settings.resolved_rules_dir()
+    folder = rules_dir if rules_dir.is_dir() else rules_dir.parent
+    target = Path(path) if path else folder / "tests"
+    try:
+        scenarios = load_scenarios(target)
+    except ScenarioError as exc:
+        for line in exc.errors:
+            print(f"convctl: {line}", file=sys.stderr)
+        return 2
+    report = run_scenarios(
+        scenarios,
+        rules_dir,
+        settings,
+        matcher="durable" if matcher == "durable" else "reference",
+    )
+    for line in report.lines():
+        print(line)
+    return 0 if report.passed else 1
 
 
 async def _create_token(settings: Settings, role: str, subject: str) -> int:

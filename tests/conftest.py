@@ -37,3 +37,11 @@ async def make_service(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 async def service(make_service: Callable[..., Any], clock: ManualClock) -> Service:
     svc: Service = await make_service(clock=clock)
     return svc
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test item (browser tests screenshot failures)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
