@@ -178,20 +178,21 @@ class Decider:
                     "actions": [a.model_dump(mode="json") for a in fired_rule.actions],
                 }
             )
-            for action in fired_rule.actions:
-                try:
-                    self._apply_action(work, action)
-                except Refused as exc:
-                    log.warning(
-                        "action_refused",
-                        rule=fired_rule.rule,
-                        action=action.kind,
-                        reason=str(exc),
-                        state=conv.state,
-                    )
-                    work.record.refused.append(
-                        {"rule": fired_rule.rule, "action": action.kind, "reason": str(exc)}
-                    )
+            # Every log line while this rule's actions apply carries the rule's name.
+            with structlog.contextvars.bound_contextvars(rule=fired_rule.rule):
+                for action in fired_rule.actions:
+                    try:
+                        self._apply_action(work, action)
+                    except Refused as exc:
+                        log.warning(
+                            "action_refused",
+                            action=action.kind,
+                            reason=str(exc),
+                            state=conv.state,
+                        )
+                        work.record.refused.append(
+                            {"rule": fired_rule.rule, "action": action.kind, "reason": str(exc)}
+                        )
         self._check_attended(work)
         if conv.state == "closed":
             work.record.timers = [op for op in work.record.timers if op.due_at is None]

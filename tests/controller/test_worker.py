@@ -34,7 +34,9 @@ async def test_a_refused_action_is_logged_with_its_rule_and_counted(
     (rules / "default.yaml").write_text(REFUSING_RULES, encoding="utf-8")
     service: Service = await make_service(clock=clock, rules_dir=rules)
     customer = await service.customer()
-    with structlog.testing.capture_logs() as logs:
+    with structlog.testing.capture_logs(
+        processors=[structlog.contextvars.merge_contextvars]
+    ) as logs:
         ack = await customer.say("hi")
         await customer.wait_message("bot")
         await service.settle()
