@@ -219,7 +219,9 @@ class Decider:
         conv, ev, data = w.conv, w.event, w.event.data
         kind = ev.type
         conv.last_activity_at = w.now
-        if kind == "customer.message":
+        if conv.state == "closed" and kind in ("customer.message", "bot.message", "agent.message"):
+            self._after_close(w)
+        elif kind == "customer.message":
             self._customer_present(w, True)
             conv.last_customer_message_at = w.now
             text = str(data.get("text", ""))
@@ -282,6 +284,28 @@ class Decider:
             self._release_all(w)
         elif kind == "timer.fired":
             conv.timers.pop(str(data.get("name")), None)
+
+    def _after_close(self, w: _Work) -> None:
+        """A message that reached a conversation closed just before it was decided.
+
+        The customer's message starts a new conversation (linked to this one), exactly as if
+        it had arrived a moment later; a bot's or agent's late message is dropped.
+        """
+        conv, ev = w.conv, w.event
+        if ev.type != "customer.message":
+            raise Refused("the conversation is closed; the late message is dropped")
+        w.record.emitted.append(
+            NewEvent(
+                type="customer.message",
+                source="controller",
+                dedupe_key=f"{ev.id}:after-close",
+                channel=conv.channel,
+                instance=conv.instance,
+                endpoint=conv.endpoint,
+                identity=conv.identity,
+                data={**ev.data, "moved_from": conv.id},
+            )
+        )
 
     # actions -------------------------------------------------------------------------------
     def _apply_action(self, w: _Work, action: Action) -> None:

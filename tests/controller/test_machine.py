@@ -182,3 +182,14 @@ def test_apply_leaves_the_snapshot_it_was_given_unchanged() -> None:
     )
     assert conv.model_dump() == before
     assert record.after.state == "queued" and record.after.labels == ["vip", "rerouted"]
+
+
+def test_a_customer_message_decided_after_the_close_starts_a_new_conversation() -> None:
+    record = _apply(_conv("closed"), _event("customer.message", text="one more thing"))
+    assert record.messages == [] and record.outbox == []
+    [moved] = record.emitted
+    assert moved.type == "customer.message" and moved.conversation_id is None
+    assert (moved.instance, moved.endpoint, moved.identity) == ("webchat", "web", "v_1")
+    assert moved.data == {"text": "one more thing", "moved_from": "cv_1"}
+    late_bot = _apply(_conv("closed"), _event("bot.message", bot="demo", text="late"))
+    assert late_bot.outbox == [] and late_bot.refused
