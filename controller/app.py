@@ -23,6 +23,7 @@ from connectors.base import (
     connector_types,
 )
 from controller.api import admin, agents, conversations, health
+from controller.api import rules as rules_api
 from controller.api.common import errors_middleware, hash_token
 from controller.api.desk import DeskHub
 from controller.clock import Clock, SystemClock
@@ -73,6 +74,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app.router.add_routes(agents.routes())
     app.router.add_routes(conversations.routes())
     app.router.add_routes(admin.routes())
+    app.router.add_routes(rules_api.routes())
     app.router.add_get("/", _index)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_engine_ctx)
@@ -163,8 +165,12 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         settings.rule_settings(),
         matcher=settings.matcher,
         default_language=settings.default_language,
+        store=store,
+        metrics=metrics,
+        clock=clock,
     )
     app[RULES] = rules
+    await rules.start(watch=settings.rules_watch, interval=settings.rules_watch_interval)
     workers = Workers(
         store,
         rules.current,
@@ -199,7 +205,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await timers.stop()
     await router.stop()
     await workers.stop()
-    rules.close()
+    await rules.close()
 
 
 async def _connectors_ctx(app: web.Application) -> AsyncIterator[None]:

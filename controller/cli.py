@@ -1,4 +1,4 @@
-"""The ``convctl`` command: serve, migrate, rules check, tokens create."""
+"""The ``convctl`` command: serve, migrate, rules check/test/schema/reference, tokens create."""
 
 from __future__ import annotations
 
@@ -32,12 +32,22 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument(
         "path", nargs="?", help="a rules folder or file (default: the configured one)"
     )
+    rules_sub.add_parser("schema", help="print the JSON Schema of rule files")
+    reference = rules_sub.add_parser(
+        "reference", help="print the generated rule reference (Markdown tables)"
+    )
+    reference.add_argument(
+        "--write", metavar="FILE", help="rewrite the block between the reference markers of FILE"
+    )
     test = rules_sub.add_parser("test", help="run rule scenarios on a simulated clock")
     test.add_argument(
         "path", nargs="?", help="a scenario file or folder (default: <rules folder>/tests)"
     )
     test.add_argument("--rules", help="the rules folder or file (default: the configured one)")
     test.add_argument("--matcher", choices=["reference", "durable"], default="reference")
+    from controller.rules_tools import add_parsers  # rules explain / rules backtest
+
+    add_parsers(rules_sub)
     tokens = sub.add_parser("tokens", help="API tokens")
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     create = tokens_sub.add_parser("create", help="create a token and print it once")
@@ -53,8 +63,16 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(settings.model_copy(update=overrides))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
+        if args.command == "rules" and args.rules_command in ("explain", "backtest"):
+            from controller.rules_tools import run_tool
+
+            return run_tool(settings, args)
         if args.command == "rules" and args.rules_command == "test":
             return _rules_test(settings, args.path, args.rules, args.matcher)
+        if args.command == "rules" and args.rules_command == "schema":
+            return _rules_schema()
+        if args.command == "rules" and args.rules_command == "reference":
+            return _rules_reference(args.write)
         if args.command == "rules":
             return _rules_check(settings, args.path)
         if args.command == "tokens":
@@ -99,17 +117,59 @@ async def _migrate(settings: Settings) -> int:
 
 
 def _rules_check(settings: Settings, path: str | None) -> int:
+    """Load and lint the rules: 0 when clean, 1 with every error as ``file:line:col: ...``."""
     from controller.rulebook import Rulebook
+    from controller.rulebook.lint import lint
 
     target = Path(path) if path else settings.resolved_rules_dir()
-    book = Rulebook.load(
-        target,
-        settings=settings.rule_settings(),
-        matcher="reference",
-        default_language=settings.default_language,
-    )
+    try:
+        book = Rulebook.load(
+            target,
+            settings=settings.rule_settings(),
+            matcher="reference",
+            default_language=settings.default_language,
+        )
+    except RuleError as exc:
+        errors = exc.errors
+    else:
+        with book:
+            errors = lint(book, bots=_known_bots(settings), queues=settings.queues)
+    if errors:
+        for line in errors:
+            print(line, file=sys.stderr)
+        print(f"convctl: {len(errors)} error(s) in {target}", file=sys.stderr)
+        return 1
     print(f"{target}: {len(book.rules)} rules, version {book.version}: ok")
-    book.close()
+    return 0
+
+
+def _known_bots(settings: Settings) -> list[str]:
+    """Names of the configured connectors whose type is a bot (rules name bots by these)."""
+    from connectors.base import connector_types
+
+    types = connector_types()
+    return [
+        connector.name
+        for connector in settings.connectors
+        if connector.type in types and types[connector.type].kind == "bot"
+    ]
+
+
+def _rules_schema() -> int:
+    from controller.rulebook.schema import schema_text
+
+    sys.stdout.write(schema_text())
+    return 0
+
+
+def _rules_reference(write: str | None) -> int:
+    from controller.rulebook.reference import render_reference, update_file
+
+    if write is None:
+        sys.stdout.write(render_reference())
+        return 0
+    changed = update_file(Path(write))
+    print(f"{write}: {'updated' if changed else 'already up to date'}")
     return 0
 
 

@@ -49,6 +49,11 @@ from controller.store.base import DecisionRecord, Message, NewOutbox, TimerOp
 log = structlog.get_logger(__name__)
 
 
+# Messages that reach a closed conversation: the customer's move to a new conversation,
+# the others are dropped (see Decider._after_close). No rule runs for them there.
+MESSAGES_AFTER_CLOSE = frozenset({"customer.message", "bot.message", "agent.message"})
+
+
 class _Holder:
     """What the machine is bound to: the state value and the guard inputs."""
 
@@ -219,7 +224,7 @@ class Decider:
         conv, ev, data = w.conv, w.event, w.event.data
         kind = ev.type
         conv.last_activity_at = w.now
-        if conv.state == "closed" and kind in ("customer.message", "bot.message", "agent.message"):
+        if conv.state == "closed" and kind in MESSAGES_AFTER_CLOSE:
             self._after_close(w)
         elif kind == "customer.message":
             self._customer_present(w, True)

@@ -63,3 +63,14 @@ class Metrics:
             "Events in flight at a crash, decided again by the reference evaluator",
             registry=r,
         )
+        self.rules_reload_failures = Counter(
+            "convctl_rules_reload_failures",
+            "Rules reloads refused because the new files were invalid",
+            registry=r,
+        )
+        self.rules_version = Gauge(
+            "convctl_rules_version_info",
+            "The rules version in force (value 1)",
+            ["version"],
+            registry=r,
+        )

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     sqlite_synchronous: Literal["normal", "full"] = "normal"
     rules_dir: Path | None = None  # default: ./rules when present, else the packaged rules
     matcher: Literal["durable", "reference"] = "durable"
+    rules_watch: bool = True  # poll rules_dir and reload when its files change
+    rules_watch_interval: float = Field(1.0, gt=0)
     default_language: str = "en"
     timezone: str = "UTC"
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
@@ -95,6 +97,7 @@ class Settings(BaseSettings):
     workers: int = Field(64, ge=1, le=10000)
     agents: list[AgentSeed] = Field(default_factory=list)
     connectors: list[ConnectorInstance] = Field(default_factory=_default_connectors)
+    queues: list[str] = Field(default_factory=lambda: ["support"])  # rules may route only here
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
 

@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -19,7 +20,7 @@ import structlog
 from controller.clock import Clock
 from controller.errors import Conflict
 from controller.facts import build_facts
-from controller.machine import Decider
+from controller.machine import MESSAGES_AFTER_CLOSE, Decider
 from controller.metrics import Metrics
 from controller.models import Conversation, Event
 from controller.rulebook import Rulebook
@@ -194,12 +195,18 @@ class Workers:
         if recovering:
             self._metrics.recovered.inc()
             log.warning("deciding_recovered_event", matcher=matcher, event_type=event.type)
+        facts: dict[str, Any] | None = None
         try:
             facts = build_facts(conv, event, self._tz)
-            fired = rulebook.decide(facts, matcher=matcher)  # type: ignore[arg-type]
-            return self._decider.apply(
+            if conv.state == "closed" and event.type in MESSAGES_AFTER_CLOSE:
+                fired = []  # the machine moves or drops it; rules see it where it lands
+            else:
+                fired = rulebook.decide(facts, matcher=matcher)  # type: ignore[arg-type]
+            record = self._decider.apply(
                 conv, event, fired, rules_version=rulebook.version, matcher=matcher
             )
+            record.facts = facts  # stored with the decision: explain and backtest replay them
+            return record
         except Exception as exc:
             # A bug must not stall the conversation: record the failure and move on.
             log.exception("decision_failed", event_type=event.type)
@@ -207,5 +214,6 @@ class Workers:
                 conv, event, rules_version=rulebook.version, outcome="error"
             )
             record.matcher = matcher
+            record.facts = facts
             record.refused.append({"rule": None, "action": "decide", "reason": repr(exc)})
             return record

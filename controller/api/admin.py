@@ -1,4 +1,4 @@
-"""Administration: agents, API tokens, rules reload."""
+"""Administration: agents and API tokens (the rules routes are in ``controller.api.rules``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controller.api.common import authenticate, hash_token, read_json
 from controller.errors import NotFound
-from controller.keys import CLOCK, ROUTER, RULES, STORE
+from controller.keys import CLOCK, ROUTER, STORE
 from controller.store.base import AgentRecord
 
 
@@ -69,15 +69,8 @@ async def create_token(request: web.Request) -> web.Response:
     )
 
 
-async def reload_rules(request: web.Request) -> web.Response:
-    await authenticate(request, "admin")
-    book = request.app[RULES].reload()
-    return web.json_response({"version": book.version, "rules": len(book.rules)})
-
-
 def routes() -> list[web.RouteDef]:
     return [
         web.post("/api/v1/agents", put_agent),
         web.post("/api/v1/tokens", create_token),
-        web.post("/api/v1/rules/reload", reload_rules),
     ]

@@ -507,3 +507,111 @@ def _setting(settings: Mapping[str, Any], name: str) -> Any:
             return _INVALID
         current = current[part]
     return current
+
+
+# The action registry as the schema and the reference read it: name -> (model, shorthand arg).
+ACTION_MODELS: Mapping[str, tuple[type[BaseModel], str | None]] = _MODELS
+
+
+@dataclass(frozen=True)
+class ActionHelp:
+    """What an action does, an example, and one line per argument (generated reference)."""
+
+    summary: str
+    example: str
+    args: Mapping[str, str]
+
+
+# A test checks that every action and every argument of its model has an entry here.
+ACTION_HELP: Mapping[str, ActionHelp] = {
+    "invite_bot": ActionHelp(
+        "`direct`: the bot answers the customer (state → `bot`); `assist`: it only suggests to"
+        " agents",
+        "invite_bot: { bot: demo, mode: direct }",
+        {"bot": "a configured bot connector", "mode": "`direct` (default) or `assist`"},
+    ),
+    "set_bot_mode": ActionHelp(
+        "before a `route`, keeps the bot as the agent's assistant",
+        "set_bot_mode: { mode: assist }",
+        {"mode": "`direct` or `assist`", "bot": "which bot (default: the one taking part)"},
+    ),
+    "remove_participant": ActionHelp(
+        "removes a participant; emits `agent.left` / `bot.left`",
+        'remove_participant: { role: agent, id: "{{ event.agent_id }}", reason: timeout }',
+        {
+            "role": "`agent`, `bot` or `app`",
+            "id": "which one (default: all of that role)",
+            "reason": "passed on as the event's `reason` (default `removed`)",
+        },
+    ),
+    "route": ActionHelp(
+        "→ `queued`; a direct bot and any agent leave",
+        "route: { queue: support, priority: high, skills: [billing] }",
+        {
+            "queue": "a configured queue (setting `queues`), or a template",
+            "priority": "a whole number or `low`, `normal` (default), `high`, `urgent`",
+            "skills": "skills the agent needs",
+        },
+    ),
+    "assign": ActionHelp(
+        "→ `agent` without an offer",
+        "assign: { agent: alice }",
+        {"agent": "the agent's id"},
+    ),
+    "transfer": ActionHelp(
+        "the current primary agent leaves; give a queue or an agent",
+        "transfer: { queue: billing }",
+        {"queue": "a configured queue, or a template", "agent": "the agent's id"},
+    ),
+    "send": ActionHelp(
+        "a message; text in the customer's language, else the default language, else the first",
+        'send: { to: customer, text: { en: "Hello", de: "Hallo" } }',
+        {
+            "to": "`customer` (default) or `agents`",
+            "text": "text, or a mapping of language: text",
+        },
+    ),
+    "whisper": ActionHelp(
+        "a note to the agents only",
+        'whisper: "VIP customer"',
+        {"text": "the note"},
+    ),
+    "start_timer": ActionHelp(
+        "starts a timer; replaces a running timer of that name",
+        "start_timer: { name: idle_reminder, after: 5m }",
+        {
+            "name": "the timer's name (`timer.fired` has it as `event.name`)",
+            "after": "seconds, `90s`, `5m`, `1h30m` or `settings.NAME`",
+        },
+    ),
+    "cancel_timer": ActionHelp(
+        "cancels the running timer of that name, if any",
+        "cancel_timer: idle_reminder",
+        {"name": "the timer's name"},
+    ),
+    "set": ActionHelp(
+        "sets conversation attributes (`conversation.attributes.NAME`)",
+        "set: { topic: billing }",
+        {"values": "a mapping of attribute: value"},
+    ),
+    "label": ActionHelp(
+        "adds a label (`conversation.labels`)",
+        "label: vip",
+        {"label": "the label"},
+    ),
+    "unlabel": ActionHelp(
+        "removes a label",
+        "unlabel: vip",
+        {"label": "the label"},
+    ),
+    "close": ActionHelp(
+        "→ `wrap_up` if an agent handled it, else `closed`; emits `conversation.closed`",
+        "close: idle",
+        {"reason": "why (default `closed`); the event's `reason`"},
+    ),
+    "stop": ActionHelp(
+        "no later rule fires for this event; must be the rule's last action",
+        "- stop",
+        {},
+    ),
+}

@@ -83,8 +83,11 @@ class Rulebook:
         groups: Mapping[str, Group],
         matcher: Matcher,
         default_language: str,
+        sources: Mapping[str, str] | None = None,
     ) -> None:
         self.version = version
+        # the text of every file as compiled, by name: explain re-reads conditions as written
+        self.sources: Mapping[str, str] = dict(sources or {})
         self.rules = rules
         self.leaves = leaves
         self.matcher: Matcher = matcher
@@ -160,6 +163,7 @@ class Rulebook:
             groups=_groups(rules, table),
             matcher=matcher,
             default_language=default_language,
+            sources=dict(ordered),
         )
 
     # ------------------------------------------------------------------ deciding

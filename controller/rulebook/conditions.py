@@ -555,3 +555,38 @@ def _quote_hint(declared: FieldType, literal: Any) -> str:
     if declared == "str" and isinstance(literal, bool):
         return " (quote it: YAML reads yes/no/on/off as booleans)"
     return ""
+
+
+# What each operator does, which field types it takes, and an example: data for the
+# generated reference and the JSON Schema help (a test checks every operator has an entry).
+OPERATOR_HELP: Mapping[str, tuple[str, str]] = {
+    "eq": ("equal (a bare value means `eq`)", "conversation.state: { eq: bot }"),
+    "ne": ("not equal; false on a missing field", "conversation.state: { ne: closed }"),
+    "in": ("equal to one of a non-empty list", "conversation.state: { in: [bot, agent] }"),
+    "not_in": (
+        "equal to none of a non-empty list; false on a missing field",
+        "conversation.queue: { not_in: [vip, billing] }",
+    ),
+    "gt": ("greater than (numbers; text order on text fields)", "conversation.idle: { gt: 300 }"),
+    "gte": ("greater than or equal", 'now.local_time: { gte: "09:00" }'),
+    "lt": ("less than", "bot.confidence: { lt: 0.5 }"),
+    "lte": ("less than or equal", "conversation.agents: { lte: 1 }"),
+    "contains": (
+        "substring of text, or member of a list",
+        "conversation.labels: { contains: vip }",
+    ),
+    "matches": (
+        "Python regular expression found anywhere in the text (`re.search`)",
+        'event.text: { matches: "(?i)^cancel" }',
+    ),
+    "exists": (
+        "the field is present and not null (`true`) or missing (`false`)",
+        "conversation.attributes.order_id: { exists: true }",
+    ),
+}
+
+GROUP_HELP: Mapping[str, str] = {
+    "all": "a list of conditions that must all hold",
+    "any": "a list of conditions of which at least one must hold",
+    "not": "one condition that must not hold",
+}

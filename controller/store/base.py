@@ -107,6 +107,8 @@ class DecisionRecord:
     emitted: list[NewEvent] = field(default_factory=list)
     released_agents: list[str] = field(default_factory=list)
     assigned_agents: list[str] = field(default_factory=list)
+    # the facts the rules saw (None when no rule was consulted, e.g. a stale timer)
+    facts: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,3 +302,27 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def token(self, token_hash: str) -> tuple[str, str] | None:
         """(role, subject) of a valid token."""
+
+    # rules versions ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def save_rules_version(self, record: RulesVersion) -> bool:
+        """Store a rules version that becomes current; False if that version was already
+        stored (the first record of a version is kept: versions are content hashes)."""
+
+    @abc.abstractmethod
+    async def rules_versions(self) -> list[RulesVersion]:
+        """Every stored version, newest first, without file contents (``files`` empty)."""
+
+    @abc.abstractmethod
+    async def rules_version(self, version: str) -> RulesVersion | None:
+        """One stored version with its files, for a rollback."""
+
+
+@dataclass(frozen=True, slots=True)
+class RulesVersion:
+    """A rules version that was in force: its files (path to content) and how it came."""
+
+    version: str
+    files: dict[str, str]
+    loaded_at: datetime
+    source: str  # "start", "watch", "api" or "rollback"

@@ -35,6 +35,7 @@ from controller.store.base import (
     OutboxRow,
     QueuedConversation,
     RouterSnapshot,
+    RulesVersion,
     Store,
     TimerRow,
 )
@@ -329,6 +330,7 @@ class SqliteStore(Store):
                     "fired": json.loads(r["fired"]),
                     "refused": json.loads(r["refused"]),
                     "decided_at": _dt(r["decided_at"]).isoformat(),
+                    "facts": None if r["facts"] is None else json.loads(r["facts"]),
                 }
                 for r in rows
             ]
@@ -743,6 +745,42 @@ class SqliteStore(Store):
             lambda conn: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         )
 
+    # rules versions ----------------------------------------------------------------------
+    async def save_rules_version(self, record: RulesVersion) -> bool:
+        files = json.dumps(record.files, separators=(",", ":"), sort_keys=True)
+        return await self._write(
+            lambda conn: (
+                conn.execute(
+                    "INSERT OR IGNORE INTO rules_versions (version, files, loaded_at, source) "
+                    "VALUES (?, ?, ?, ?)",
+                    (record.version, files, _ts(record.loaded_at), record.source),
+                ).rowcount
+                == 1
+            )
+        )
+
+    async def rules_versions(self) -> list[RulesVersion]:
+        def run(conn: sqlite3.Connection) -> list[RulesVersion]:
+            rows = conn.execute(
+                "SELECT version, loaded_at, source FROM rules_versions "
+                "ORDER BY loaded_at DESC, rowid DESC"
+            ).fetchall()
+            return [RulesVersion(r[0], {}, _dt(r[1]), r[2]) for r in rows]
+
+        return await self._read(run)
+
+    async def rules_version(self, version: str) -> RulesVersion | None:
+        def run(conn: sqlite3.Connection) -> RulesVersion | None:
+            row = conn.execute(
+                "SELECT version, files, loaded_at, source FROM rules_versions WHERE version = ?",
+                (version,),
+            ).fetchone()
+            if row is None:
+                return None
+            return RulesVersion(row[0], json.loads(row[1]), _dt(row[2]), row[3])
+
+        return await self._read(run)
+
 
 # transaction bodies (run on the writer thread) ---------------------------------------------
 def _load_conversation(conn: sqlite3.Connection, conversation_id: str) -> Conversation | None:
@@ -904,7 +942,8 @@ def _commit_decision(conn: sqlite3.Connection, rec: DecisionRecord, now: datetim
     if not marked:
         raise Conflict(f"event {rec.event.id} was already decided", code="already_decided")
     conn.execute(
-        "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO decisions (event_id, conversation_id, seq, rules_version, matcher, outcome, "
+        "state_after, fired, refused, decided_at, facts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             rec.event.id,
             after.id,
@@ -916,6 +955,9 @@ def _commit_decision(conn: sqlite3.Connection, rec: DecisionRecord, now: datetim
             json.dumps(rec.fired, separators=(",", ":")),
             json.dumps(rec.refused, separators=(",", ":")),
             _ts(now),
+            None
+            if rec.facts is None
+            else json.dumps(rec.facts, separators=(",", ":"), default=str),
         ),
     )
     outbox: list[OutboxRow] = []

@@ -96,9 +96,57 @@ def test_rules_check_reports_every_error_with_its_line(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert f"{bad}:3:" in result.stderr and "customer.message" in result.stderr
     assert f"{bad}:10:" in result.stderr and "close" in result.stderr
+
+
+def test_rules_check_lints_bots_queues_and_dead_rules(tmp_path: Path) -> None:
+    rules = tmp_path / "lint.yaml"
+    rules.write_text(
+        "- name: one\n  when:\n    event: conversation.created\n  then:\n"
+        "    - invite_bot: rasa\n    - route: { queue: billing }\n    - stop\n"
+        "- name: two\n  when:\n    event: conversation.created\n  then:\n"
+        "    - route: { queue: sales }\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [CONVCTL, "rules", "check", str(rules)],
+        env=_env(tmp_path, CONVCTL_QUEUES='["support", "billing"]'),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[:3] == [
+        f"{rules}:5:7: rule 'one': unknown bot 'rasa' (configured: demo)",
+        f"{rules}:12:7: rule 'two': unknown queue 'sales' (setting 'queues': billing, support)",
+        f"{rules}:8:3: rule 'two': never fires for 'conversation.created': rule 'one' "
+        f"({rules}:1:3) comes first, has no conditions and stops",
+    ]
+
+
+def test_rules_schema_and_reference_commands(tmp_path: Path) -> None:
+    from controller.rulebook.reference import END, START, render_reference
+    from controller.rulebook.schema import schema_text
+
+    schema = subprocess.run(
+        [CONVCTL, "rules", "schema"], env=_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
+    assert schema.returncode == 0 and schema.stdout == schema_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Rules\n\nprose\n\n{START}\nstale\n{END}\n\nmore prose\n")
+    written = subprocess.run(
+        [CONVCTL, "rules", "reference", "--write", str(readme)],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert written.returncode == 0, written.stderr
+    expected = f"# Rules\n\nprose\n\n{START}\n{render_reference()}{END}\n\nmore prose\n"
+    assert readme.read_text() == expected
 
 
 def test_migrate_is_idempotent(tmp_path: Path) -> None:
@@ -108,4 +156,6 @@ def test_migrate_is_idempotent(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stderr
     db = sqlite3.connect(tmp_path / "data" / "convctl.db")
-    assert [r[0] for r in db.execute("SELECT version FROM schema_migrations")] == [1]
+    scripts = (RULES_DIR.parent / "controller" / "store" / "migrations").glob("sqlite_*.sql")
+    every = sorted(int(script.name.split("_")[1]) for script in scripts)
+    assert [r[0] for r in db.execute("SELECT version FROM schema_migrations")] == every

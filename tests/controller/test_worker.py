@@ -60,7 +60,8 @@ async def test_an_event_left_undecided_is_decided_at_start_by_the_reference_matc
     customer = await first.customer()
     ack = await customer.say("hi")
     await customer.wait_message("bot")
-    await first.settle()
+    await customer.close()  # nothing may wake the conversation before the "crash" below
+    await first.until(ack["conversation_id"], lambda c: not c.customer_present)
     # As if the process died right after storing this event: stored, never decided.
     await first.store.accept(
         [
@@ -87,3 +88,4 @@ async def test_an_event_left_undecided_is_decided_at_start_by_the_reference_matc
     assert "convctl_recovered_events_total 1.0" in metrics
     transcript = await second.store.messages(ack["conversation_id"], include_agent_only=False)
     assert [m.sender_role for m in transcript] == ["customer", "bot", "customer", "bot"]
+    assert transcript[-1].text.startswith("We are open")
