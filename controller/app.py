@@ -27,7 +27,7 @@ from controller.api import rules as rules_api
 from controller.api.common import errors_middleware, hash_token
 from controller.api.desk import DeskHub
 from controller.clock import Clock, SystemClock
-from controller.errors import BotError, ConfigError
+from controller.errors import BotError, ConfigError, RequestError
 from controller.inbox import Inbox
 from controller.keys import (
     BOTS,
@@ -179,6 +179,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         timezone=settings.timezone,
         concurrency=settings.workers,
         matcher=settings.matcher,
+        queue_facts=lambda conv: app[ROUTER].queue_facts(conv),  # the router is made below
     )
     app[WORKERS] = workers
     app[INBOX] = Inbox(store, clock, metrics, workers.notify)
@@ -213,7 +214,11 @@ async def _connectors_ctx(app: web.Application) -> AsyncIterator[None]:
     app[HTTP] = session
     app[CONNECTOR_CONTEXT].http = session
     dispatcher = app[DISPATCHER]
-    dispatcher.register("channel", lambda row: _deliver_channel(app, row))
+    dispatcher.register(
+        "channel",
+        lambda row: _deliver_channel(app, row),
+        on_dead=lambda row, err: _channel_failed(app, row, err),
+    )
     dispatcher.register(
         "bot",
         lambda row: _deliver_bot(app, row),
@@ -279,6 +284,40 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
             idempotency_key=row.idempotency_key,
         )
     )
+
+
+CHANNEL_FAILURES = ("window_closed", "invalid_recipient", "rate_limited")
+
+
+async def _channel_failed(app: web.Application, row: OutboxRow, error: str) -> None:
+    """A message for the customer became a dead letter: tell the rules why.
+
+    Channels start a ChannelSendError's message with the reason; anything else is a
+    ``provider_error``.
+    """
+    instance = row.destination.split(":", 1)[1]
+    detail = error.partition(": ")[2]  # "ChannelSendError: window_closed: ..."
+    reason = next((r for r in CHANNEL_FAILURES if detail.startswith(r)), "provider_error")
+    message = row.payload.get("message") or {}
+    try:
+        await app[INBOX].submit(
+            [
+                NewEvent(
+                    type="delivery.failed",
+                    source=f"channel:{instance}",
+                    dedupe_key=f"{row.idempotency_key}:failed",
+                    conversation_id=row.conversation_id,
+                    data={
+                        "reason": reason,
+                        "instance": instance,
+                        "message_id": message.get("id"),
+                        "error": error[:500],
+                    },
+                )
+            ]
+        )
+    except RequestError as exc:  # e.g. the conversation closed meanwhile
+        log.info("delivery_failed_not_stored", reason=reason, refused=exc.code)
 
 
 async def _deliver_bot(app: web.Application, row: OutboxRow) -> None:

@@ -279,10 +279,10 @@ class Decider:
             )
         elif kind == "agent.left":
             self._remove(w, "agent", str(data.get("agent_id")), emit=False)
-        elif kind == "agent.disconnected":
-            gone = conv.find("agent", str(data.get("agent_id")))
-            if gone is not None:
-                gone.present = False
+        elif kind in ("agent.disconnected", "agent.reconnected"):
+            agent = conv.find("agent", str(data.get("agent_id")))
+            if agent is not None:
+                agent.present = kind == "agent.reconnected"
         elif kind == "agent.wrap_up_done":
             conv.attributes["disposition"] = data.get("disposition")
             self.transition(conv, "finish_wrap_up")

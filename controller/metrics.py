@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+# What an offer can become; ``offered`` counts offers made.
+OFFER_OUTCOMES = ("offered", "accepted", "declined", "expired", "cancelled")
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -51,7 +54,23 @@ class Metrics:
         self.queue_length = Gauge(
             "convctl_queue_length", "Conversations waiting in a queue", ["queue"], registry=r
         )
+        self.queue_longest_wait = Gauge(
+            "convctl_queue_longest_wait_seconds",
+            "How long the longest-waiting conversation of a queue has waited (0 when empty)",
+            ["queue"],
+            registry=r,
+        )
         self.offers = Counter("convctl_offers", "Offers by outcome", ["outcome"], registry=r)
+        for outcome in OFFER_OUTCOMES:
+            self.offers.labels(outcome)  # every outcome is exported, at 0 until it happens
+        self.handle_seconds = Histogram(
+            "convctl_handle_seconds",
+            "Handle time per queue: from an agent accepting a conversation to the agent being "
+            "released (left, transferred, rerouted or wrap-up done)",
+            ["queue"],
+            registry=r,
+            buckets=(30, 60, 120, 300, 600, 900, 1800, 3600, 7200),
+        )
         self.websockets = Gauge(
             "convctl_websockets", "Open WebSocket connections", ["kind"], registry=r
         )

@@ -12,7 +12,9 @@ from the store at start, so a crash loses nothing.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,12 +26,15 @@ from controller.clock import Clock, sleep_until_woken
 from controller.errors import Conflict, NotFound
 from controller.ids import new_id
 from controller.metrics import Metrics
+from controller.models import Conversation
 from controller.store.base import Accepted, Committed, DecisionRecord, OfferRecord, Store
 
 log = structlog.get_logger(__name__)
 
 PRESENCES = ("available", "busy", "away", "offline")
 PushOffer = Callable[[str, dict[str, Any]], Awaitable[object]]
+# Handle times kept per queue for ``queue.estimated_wait`` (the most recent ones).
+HANDLE_SAMPLES = 20
 
 
 @dataclass
@@ -83,6 +88,10 @@ class Router:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._push: PushOffer | None = None
+        # (agent, conversation) -> (queue, accepted at): open handles, for handle time.
+        self._handling: dict[tuple[str, str], tuple[str, datetime]] = {}
+        self._handle_times: dict[str, deque[float]] = {}
+        self._queues: set[str] = set()  # every queue seen, so its gauges can drop to 0
 
     def set_push(self, push: PushOffer) -> None:
         """Where offers are pushed live (the agent desk hub)."""
@@ -179,6 +188,7 @@ class Router:
         if record.event.type == "agent.accepted":
             self._accepting.discard(conv.id)
         for agent_id in record.released_agents:
+            self._handled(agent_id, conv.id, now, refused=record.event.type == "agent.accepted")
             agent = self._agents.get(agent_id)
             if agent is not None and conv.id in agent.conversations:
                 agent.conversations.discard(conv.id)
@@ -229,6 +239,49 @@ class Router:
         )
         return ahead + 1
 
+    def conversations_of(self, agent_id: str) -> list[str]:
+        """The conversations the agent is assigned to (accepted or assigned, not released)."""
+        agent = self._agents.get(agent_id)
+        return sorted(agent.conversations) if agent is not None else []
+
+    def agents_available(self, skills: Iterable[str] = ()) -> int:
+        """Agents available now with free capacity and all of ``skills``."""
+        need = frozenset(skills)
+        return sum(
+            1
+            for a in self._agents.values()
+            if a.presence == "available" and a.load < a.capacity and need <= a.skills
+        )
+
+    def estimated_wait(self, queue: str, position: int) -> int:
+        """Seconds: position times the queue's average recent handle time (times the offer
+        timeout while the queue has no handled conversation yet). Deliberately simple: one agent's
+        throughput, so it errs on the long side when several agents serve the queue."""
+        samples = self._handle_times.get(queue)
+        average = sum(samples) / len(samples) if samples else self._offer_timeout
+        return round(position * average)
+
+    def queue_facts(self, conv: Conversation) -> dict[str, Any] | None:
+        """The ``queue.*`` facts for a decision of ``conv``, from the router's state now.
+
+        None while the conversation was never routed. ``position`` and ``estimated_wait`` are
+        there only while it waits in the router's queue, so the decision that routes it does
+        not see them yet (the router learns of it after the commit). ``open`` is always true
+        until business hours exist.
+        """
+        if conv.queue is None:
+            return None
+        facts: dict[str, Any] = {
+            "name": conv.queue,
+            "open": True,
+            "agents_available": self.agents_available(conv.skills),
+        }
+        position = self.position(conv.id)
+        if position is not None:
+            facts["position"] = position
+            facts["estimated_wait"] = self.estimated_wait(conv.queue, position)
+        return facts
+
     # internals -----------------------------------------------------------------------------
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -271,7 +324,9 @@ class Router:
             agent = self._agents[agent_id]
             if status == "accepted":
                 agent.conversations.add(offer.conversation_id)
-                self._waiting.pop(offer.conversation_id, None)
+                taken = self._waiting.pop(offer.conversation_id, None)
+                queue = taken.queue if taken is not None else ""
+                self._handling[(agent_id, offer.conversation_id)] = (queue, self._clock.now())
                 self._accepting.add(offer.conversation_id)
             else:
                 waiting = self._waiting.get(offer.conversation_id)
@@ -396,12 +451,39 @@ class Router:
             "expires_at": offer.expires_at.isoformat(),
         }
 
+    def _handled(
+        self, agent_id: str, conversation_id: str, now: datetime, *, refused: bool
+    ) -> None:
+        """An agent was released: observe the handle time since its acceptance."""
+        handle = self._handling.pop((agent_id, conversation_id), None)
+        if handle is None or refused:
+            return  # not accepted from a queue in this process, or the acceptance was refused
+        queue, since = handle
+        seconds = max(0.0, (now - since).total_seconds())
+        self._metrics.handle_seconds.labels(queue).observe(seconds)
+        self._handle_times.setdefault(queue, deque(maxlen=HANDLE_SAMPLES)).append(seconds)
+
+    def _longest_wait(self, queue: str) -> float:
+        """Seconds the longest-waiting conversation of ``queue`` has waited (0 when empty)."""
+        oldest = min(
+            (w.enqueued_at for w in self._waiting.values() if w.queue == queue), default=None
+        )
+        if oldest is None:
+            return 0.0
+        return max(0.0, (self._clock.now() - oldest).total_seconds())
+
     def _update_gauges(self) -> None:
         counts: dict[str, int] = {}
         for w in self._waiting.values():
             counts[w.queue] = counts.get(w.queue, 0) + 1
-        for queue, n in counts.items():
-            self._metrics.queue_length.labels(queue).set(n)
+        for queue in counts.keys() - self._queues:
+            self._queues.add(queue)
+            # Read at scrape time, so the age keeps growing between router steps.
+            self._metrics.queue_longest_wait.labels(queue).set_function(
+                functools.partial(self._longest_wait, queue)
+            )
+        for queue in self._queues:
+            self._metrics.queue_length.labels(queue).set(counts.get(queue, 0))
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -165,7 +165,8 @@ _REQUIRED_SECRETS = ("session_secret", "admin_token")
 _DEV_SECRETS = (*_REQUIRED_SECRETS, "agent_token")
 
 
-def _is_placeholder(value: str) -> bool:
+def is_placeholder(value: str) -> bool:
+    """True for an empty or well-known placeholder secret (``change-me``, ``secret``…)."""
     return value.strip().lower() in _PLACEHOLDERS
 
 
@@ -176,8 +177,8 @@ def ensure_secrets(settings: Settings) -> tuple[Settings, list[str]]:
     must not be a placeholder either (agents normally get tokens from the API).
     """
     if settings.profile == "prod":
-        bad = [f for f in _REQUIRED_SECRETS if _is_placeholder(getattr(settings, f))]
-        if settings.agent_token and _is_placeholder(settings.agent_token):
+        bad = [f for f in _REQUIRED_SECRETS if is_placeholder(getattr(settings, f))]
+        if settings.agent_token and is_placeholder(settings.agent_token):
             bad.append("agent_token")
         if bad:
             raise ConfigError(
@@ -185,7 +186,7 @@ def ensure_secrets(settings: Settings) -> tuple[Settings, list[str]]:
                 + ", ".join(f"CONVCTL_{f.upper()}" for f in bad)
             )
         return settings, []
-    missing = [f for f in _DEV_SECRETS if _is_placeholder(getattr(settings, f))]
+    missing = [f for f in _DEV_SECRETS if is_placeholder(getattr(settings, f))]
     if not missing:
         return settings, []
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,8 @@ from controller.store.base import Committed, DecisionRecord, Store
 log = structlog.get_logger(__name__)
 
 AfterCommit = Callable[[DecisionRecord, Committed], None]
+# Derived ``queue.*`` facts for a conversation at decide time (the router's ``queue_facts``).
+QueueFacts = Callable[[Conversation], dict[str, Any] | None]
 _BATCH = 100
 
 
@@ -46,8 +48,10 @@ class Workers:
         timezone: str,
         concurrency: int,
         matcher: str,
+        queue_facts: QueueFacts | None = None,
     ) -> None:
         self._store = store
+        self._queue_facts = queue_facts
         self._rulebook = rulebook
         self._metrics = metrics
         self._clock = clock
@@ -197,7 +201,10 @@ class Workers:
             log.warning("deciding_recovered_event", matcher=matcher, event_type=event.type)
         facts: dict[str, Any] | None = None
         try:
-            facts = build_facts(conv, event, self._tz)
+            # Shared state (the router's queues) enters only as derived facts, stored with
+            # the decision, so build_facts stays pure and explain/backtest replay the same.
+            queue = self._queue_facts(conv) if self._queue_facts is not None else None
+            facts = build_facts(conv, event, self._tz, queue)
             if conv.state == "closed" and event.type in MESSAGES_AFTER_CLOSE:
                 fired = []  # the machine moves or drops it; rules see it where it lands
             else:

@@ -8,7 +8,10 @@ different body is refused (422).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import secrets
 from typing import Annotated, Any, Literal
 
 import structlog
@@ -25,6 +28,7 @@ from controller.store.base import Accepted
 log = structlog.get_logger(__name__)
 
 _CLIENT_ID = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+_CONNECTION = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 
 class _Cmd(BaseModel):
@@ -207,12 +211,22 @@ async def wrap_up(request: web.Request) -> web.Response:
 
 
 async def desk_socket(request: web.Request) -> web.WebSocketResponse:
-    """The desk's WebSocket: pushes offers and messages, takes commands with client ids."""
+    """The desk's WebSocket: pushes offers and messages, takes commands with client ids.
+
+    ``?connection=`` is an id the desk makes per connection (else a random one); it makes
+    the dedupe keys of the ``agent.disconnected`` / ``agent.reconnected`` events this socket
+    causes, so a replayed close or open of the same connection changes nothing twice.
+    """
     principal = await authenticate(request, "agent", token=request.query.get("token", ""))
     agent_id = principal.subject
     router = request.app[ROUTER]
     if not router.agent_known(agent_id):
         raise Forbidden("the token's agent does not exist", code="unknown_agent")
+    connection = request.query.get("connection") or secrets.token_hex(8)
+    if not _CONNECTION.match(connection):
+        raise RequestError(
+            "connection must be 1 to 100 letters, digits or _.:-", code="bad_connection"
+        )
     hub = request.app[DESK]
     metrics = request.app[METRICS]
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=64 * 1024)
@@ -220,15 +234,71 @@ async def desk_socket(request: web.Request) -> web.WebSocketResponse:
     hub.add(agent_id, ws)
     metrics.websockets.labels("desk").inc()
     try:
+        await _desk_connected(request.app, agent_id, connection)
         await ws.send_json({"type": "hello", "agent": router.agent_view(agent_id)})
         async for msg in ws:
             if msg.type != WSMsgType.TEXT:
                 continue
             await _on_command(request.app, ws, agent_id, msg.data)
     finally:
-        hub.remove(agent_id, ws)
+        last = hub.remove(agent_id, ws)
         metrics.websockets.labels("desk").dec()
+        if last:
+            # Shielded: the handler may be cancelled while the socket goes away.
+            await asyncio.shield(_desk_disconnected(request.app, agent_id, connection))
     return ws
+
+
+async def _desk_connected(app: web.Application, agent_id: str, connection: str) -> None:
+    """Submit ``agent.reconnected`` where the agent was disconnected: for every conversation
+    if this process submitted its disconnects, else where the snapshot says not present
+    (a disconnect stored before a restart)."""
+    hub = app[DESK]
+    async with hub.presence_lock(agent_id):
+        gone = hub.take_gone(agent_id)
+        targets: list[str] = []
+        for cid in app[ROUTER].conversations_of(agent_id):
+            conv = await app[STORE].load_conversation(cid)
+            if conv is None or conv.state == "closed":
+                continue
+            me = conv.find("agent", agent_id)
+            if gone or (me is not None and not me.present):
+                targets.append(cid)
+        await _submit_presence(app, agent_id, connection, "agent.reconnected", targets)
+
+
+async def _desk_disconnected(app: web.Application, agent_id: str, connection: str) -> None:
+    """The agent's last desk socket closed: ``agent.disconnected`` for each open conversation
+    the agent is in; the rules decide when that becomes ``agent.left``."""
+    hub = app[DESK]
+    async with hub.presence_lock(agent_id):
+        if hub.connected(agent_id):
+            return  # another socket opened meanwhile
+        targets = app[ROUTER].conversations_of(agent_id)
+        if targets:
+            hub.mark_gone(agent_id)
+        await _submit_presence(app, agent_id, connection, "agent.disconnected", targets)
+
+
+async def _submit_presence(
+    app: web.Application, agent_id: str, connection: str, kind: str, conversation_ids: list[str]
+) -> None:
+    if not conversation_ids:
+        return
+    events = [
+        NewEvent(
+            type=kind,  # type: ignore[arg-type]
+            source=f"agent:{agent_id}",
+            dedupe_key=f"desk:{connection}:{cid}:{kind}",
+            conversation_id=cid,
+            data={"agent_id": agent_id, "connection": connection},
+        )
+        for cid in conversation_ids
+    ]
+    try:
+        await app[INBOX].submit(events)
+    except Exception as exc:  # e.g. the store closing at shutdown: nothing to decide then
+        log.warning("desk_presence_not_stored", kind=kind, agent_id=agent_id, error=repr(exc))
 
 
 async def _on_command(

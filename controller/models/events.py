@@ -28,6 +28,7 @@ EventType = Literal[
     "agent.declined",
     "agent.message",
     "agent.disconnected",
+    "agent.reconnected",
     "agent.left",
     "agent.presence_changed",
     "agent.transferred",

@@ -149,11 +149,16 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
     "bot.intent": "on bot events: the last intent",
     "bot.confidence": "on bot events: the last confidence, 0 to 1",
     "bot.slots": "on bot events: all slots (test `bot.slots.NAME` instead)",
-    "queue.name": "the conversation's queue",
-    "queue.position": "the conversation's place in its queue",
-    "queue.estimated_wait": "estimated wait in seconds",
-    "queue.agents_available": "agents of the queue with free capacity",
-    "queue.open": "the queue is open now",
+    "queue.name": "the conversation's queue (missing until it is routed)",
+    "queue.position": "its place in the queue, 1 first (missing unless it waits there now)",
+    "queue.estimated_wait": (
+        "estimated wait in seconds: position times the queue's average handle time over its "
+        "last 20 handled conversations (times the offer timeout before any)"
+    ),
+    "queue.agents_available": (
+        "agents available now with free capacity and the conversation's skills"
+    ),
+    "queue.open": "the queue is open now (always `true`: business hours are not built yet)",
     "now.local_time": 'the time in the `timezone` setting, e.g. `"14:05"`',
     "now.weekday": "`mon` … `sun`, in the `timezone` setting",
     "now.hour": "the hour, 0 to 23, in the `timezone` setting",
@@ -188,7 +193,10 @@ EVENT_DESCRIPTIONS: Mapping[str, str] = {
     "agent.accepted": "an agent accepted the offer (`agent_id`)",
     "agent.declined": "an agent declined the offer (`agent_id`)",
     "agent.message": "an agent wrote (`text`)",
-    "agent.disconnected": "an agent's desk lost its connection (no connector emits it yet)",
+    "agent.disconnected": (
+        "the agent's last desk socket closed (`agent_id`), once per open conversation of the agent"
+    ),
+    "agent.reconnected": "the agent's desk is connected again after `agent.disconnected`",
     "agent.left": "an agent left the conversation (`agent_id`, `reason`)",
     "agent.presence_changed": "an agent's presence changed (no connector emits it yet)",
     "agent.transferred": "an agent transferred the conversation (no connector emits it yet)",
@@ -196,7 +204,10 @@ EVENT_DESCRIPTIONS: Mapping[str, str] = {
     "app.joined": "an app joined the conversation (no connector emits it yet)",
     "app.event": "an app reported something (no connector emits it yet)",
     "app.left": "an app left the conversation (no connector emits it yet)",
-    "delivery.status": "a message was delivered or read (no connector emits it yet)",
-    "delivery.failed": "a message could not be delivered (`reason`; no connector emits it yet)",
+    "delivery.status": "a channel reports a message sent, delivered, read or failed (`status`)",
+    "delivery.failed": (
+        "a message could not be delivered (`reason`: window_closed, invalid_recipient, "
+        "rate_limited, provider_error)"
+    ),
     "timer.fired": "a timer ran out (`name`, `generation`)",
 }

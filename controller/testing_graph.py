@@ -1,0 +1,392 @@
+"""A fake Meta Graph API (WhatsApp Cloud) and a fake Meta webhook sender, for tests.
+
+``FakeGraph`` is a real aiohttp server on 127.0.0.1 (ephemeral port): it records every request,
+answers ``POST /{version}/{phone_number_id}/messages`` with a fresh ``wamid``, serves media
+(info + bytes), checks what Graph checks (Bearer token of the number, ``messaging_product``,
+payload key matching ``type``, reply buttons) and can be scripted to fail.
+``WhatsAppSender`` builds webhook payloads, signs them with the app secret and POSTs them.
+Everything waits on conditions, never on fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+GraphPredicate = Callable[["GraphRequest"], bool]
+
+
+@dataclass(frozen=True)
+class GraphRequest:
+    """One request the fake received."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    json: Any
+    status: int  # what the fake answered
+
+    @property
+    def token(self) -> str | None:
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        return token if scheme == "Bearer" else None
+
+    @property
+    def phone_number_id(self) -> str | None:
+        parts = self.path.strip("/").split("/")
+        return parts[1] if len(parts) == 3 and parts[2] == "messages" else None
+
+
+@dataclass
+class GraphFailure:
+    """A scripted error answer: ``times`` (None = always) for sends matching ``to``/number."""
+
+    status: int
+    code: int
+    message: str = "scripted failure"
+    details: str = ""
+    times: int | None = 1
+    to: str | None = None
+    phone_number_id: str | None = None
+
+    def matches(self, phone_number_id: str, body: Any) -> bool:
+        if self.times is not None and self.times <= 0:
+            return False
+        if self.phone_number_id is not None and self.phone_number_id != phone_number_id:
+            return False
+        return self.to is None or (isinstance(body, dict) and body.get("to") == self.to)
+
+
+@dataclass
+class FakeGraph:
+    """The fake Graph API. ``tokens`` maps phone_number_id → the only token accepted for it."""
+
+    version: str = "v21.0"
+    tokens: dict[str, str] = field(default_factory=dict)
+    media: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    requests: list[GraphRequest] = field(default_factory=list)
+    failures: list[GraphFailure] = field(default_factory=list)
+    base_url: str = ""
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._changed = asyncio.Condition()
+        app = web.Application()
+        app.router.add_post("/{version}/{phone_number_id}/messages", self._messages)
+        app.router.add_get("/media-bytes/{media_id}", self._media_bytes)
+        app.router.add_get("/{version}/{media_id}", self._media_info)
+        self._runner = web.AppRunner(app, access_log=None)
+
+    async def start(self) -> FakeGraph:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    # scripting ---------------------------------------------------------------------------
+    def fail(
+        self,
+        *,
+        status: int,
+        code: int,
+        times: int | None = 1,
+        to: str | None = None,
+        phone_number_id: str | None = None,
+        message: str = "scripted failure",
+        details: str = "",
+    ) -> GraphFailure:
+        """Answer the next ``times`` matching sends (None: all of them) with a Graph error."""
+        failure = GraphFailure(status, code, message, details, times, to, phone_number_id)
+        self.failures.append(failure)
+        return failure
+
+    # assertions --------------------------------------------------------------------------
+    def sent(self, predicate: GraphPredicate | None = None) -> list[GraphRequest]:
+        """Sends the fake accepted (answered 200), in order."""
+        return [
+            r
+            for r in self.requests
+            if r.phone_number_id is not None
+            and r.status == 200
+            and (predicate is None or predicate(r))
+        ]
+
+    async def wait_for(
+        self, predicate: Callable[[list[GraphRequest]], bool], *, timeout: float = 10.0
+    ) -> list[GraphRequest]:
+        """Wait until ``predicate(requests)`` holds; return the requests."""
+        async with asyncio.timeout(timeout), self._changed:
+            while not predicate(self.requests):
+                await self._changed.wait()
+            return list(self.requests)
+
+    async def wait_sent(
+        self, count: int = 1, predicate: GraphPredicate | None = None, *, timeout: float = 10.0
+    ) -> list[GraphRequest]:
+        """Wait until at least ``count`` accepted sends match; return them."""
+        await self.wait_for(lambda _: len(self.sent(predicate)) >= count, timeout=timeout)
+        return self.sent(predicate)
+
+    # handlers ----------------------------------------------------------------------------
+    async def _record(self, request: web.Request, body: Any, status: int) -> None:
+        async with self._changed:
+            self.requests.append(
+                GraphRequest(
+                    request.method,
+                    request.path,
+                    dict(request.query),
+                    dict(request.headers),
+                    body,
+                    status,
+                )
+            )
+            self._changed.notify_all()
+
+    async def _answer(
+        self, request: web.Request, body: Any, status: int, payload: dict[str, Any]
+    ) -> web.Response:
+        await self._record(request, body, status)
+        return web.json_response(payload, status=status)
+
+    def _auth_error(self, request: web.Request, phone_number_id: str | None) -> str | None:
+        if "access_token" in request.query:
+            return "access tokens go in the Authorization header, not the query string"
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or not token:
+            return "missing bearer token"
+        if phone_number_id is not None and phone_number_id in self.tokens:
+            if self.tokens[phone_number_id] != token:
+                return "token does not belong to this phone number"
+        elif self.tokens and token not in self.tokens.values():
+            return "unknown token"
+        return None
+
+    async def _messages(self, request: web.Request) -> web.Response:
+        number = request.match_info["phone_number_id"]
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return await self._answer(request, None, 400, _error(100, "malformed JSON"))
+        if request.match_info["version"] != self.version:
+            return await self._answer(request, body, 400, _error(100, "unknown API version"))
+        if (auth := self._auth_error(request, number)) is not None:
+            return await self._answer(request, body, 401, _error(190, auth))
+        if (problem := _invalid_send(body)) is not None:
+            return await self._answer(request, body, 400, _error(100, problem))
+        for failure in self.failures:
+            if failure.matches(number, body):
+                if failure.times is not None:
+                    failure.times -= 1
+                payload = _error(failure.code, failure.message, failure.details)
+                return await self._answer(request, body, failure.status, payload)
+        wamid = f"wamid.FAKE{next(self._ids):06d}"
+        return await self._answer(
+            request,
+            body,
+            200,
+            {
+                "messaging_product": "whatsapp",
+                "contacts": [{"input": body.get("to"), "wa_id": body.get("to")}],
+                "messages": [{"id": wamid, "message_status": "accepted"}],
+            },
+        )
+
+    async def _media_info(self, request: web.Request) -> web.Response:
+        media_id = request.match_info["media_id"]
+        if (auth := self._auth_error(request, None)) is not None:
+            return await self._answer(request, None, 401, _error(190, auth))
+        if media_id not in self.media:
+            return await self._answer(request, None, 404, _error(100, "unknown media"))
+        content, mime = self.media[media_id]
+        return await self._answer(
+            request,
+            None,
+            200,
+            {
+                "messaging_product": "whatsapp",
+                "url": f"{self.base_url}/media-bytes/{media_id}",
+                "mime_type": mime,
+                "sha256": hashlib.sha256(content).hexdigest(),
+                "file_size": str(len(content)),  # Graph sends a string or a number
+                "id": media_id,
+            },
+        )
+
+    async def _media_bytes(self, request: web.Request) -> web.Response:
+        media_id = request.match_info["media_id"]
+        if self._auth_error(request, None) is not None or media_id not in self.media:
+            await self._record(request, None, 401)
+            return web.Response(status=401)
+        await self._record(request, None, 200)
+        content, mime = self.media[media_id]
+        return web.Response(body=content, content_type=mime.split(";")[0])
+
+
+def _error(code: int, message: str, details: str = "") -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"(#{code}) {message}",
+            "type": "OAuthException",
+            "code": code,
+            "error_data": {"messaging_product": "whatsapp", "details": details or message},
+            "fbtrace_id": "FAKE",
+        }
+    }
+
+
+def _invalid_send(body: Any) -> str | None:
+    """What Graph would reject in a send body, or None."""
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    if body.get("messaging_product") != "whatsapp":
+        return "messaging_product must be 'whatsapp'"
+    if not isinstance(body.get("to"), str) or not body["to"]:
+        return "'to' is required"
+    kind = body.get("type", "text")
+    if not isinstance(body.get(kind), dict):
+        return f"a message of type {kind!r} needs the {kind!r} object"
+    if kind == "text" and not str(body["text"].get("body", "")).strip():
+        return "text.body is required"
+    if kind == "interactive" and body["interactive"].get("type") == "button":
+        buttons = body["interactive"].get("action", {}).get("buttons", [])
+        if not 1 <= len(buttons) <= 3:
+            return "reply buttons: 1 to 3 buttons"
+        if any(len(b.get("reply", {}).get("title", "")) > 20 for b in buttons):
+            return "reply button titles are at most 20 characters"
+    return None
+
+
+# the webhook side: Meta as the sender ----------------------------------------------------
+def signature(body: bytes, app_secret: str) -> str:
+    """The ``X-Hub-Signature-256`` header value Meta sends for ``body``."""
+    return "sha256=" + hmac.new(app_secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def text_message(
+    wa_id: str, text: str, wamid: str, *, timestamp: int | None = None
+) -> dict[str, Any]:
+    return message(wa_id, "text", wamid, {"text": {"body": text}}, timestamp=timestamp)
+
+
+def message(
+    wa_id: str,
+    kind: str,
+    wamid: str,
+    content: dict[str, Any] | None = None,
+    *,
+    timestamp: int | None = None,
+) -> dict[str, Any]:
+    """One ``messages[]`` item; ``content`` holds the type's payload key(s)."""
+    return {
+        "from": wa_id,
+        "id": wamid,
+        "timestamp": str(timestamp or int(time.time())),
+        "type": kind,
+        **(content or {}),
+    }
+
+
+def status(
+    wamid: str, state: str, recipient: str, *, error_code: int | None = None
+) -> dict[str, Any]:
+    """One ``statuses[]`` item; ``failed`` ones carry ``errors[]`` with ``error_code``."""
+    item: dict[str, Any] = {
+        "id": wamid,
+        "status": state,
+        "timestamp": str(int(time.time())),
+        "recipient_id": recipient,
+        "pricing": {"billable": True, "pricing_model": "PMP", "category": "service"},
+    }
+    if error_code is not None:
+        item["errors"] = [
+            {
+                "code": error_code,
+                "title": "scripted",
+                "message": "scripted",
+                "error_data": {"details": "scripted failure"},
+            }
+        ]
+    return item
+
+
+def change(
+    phone_number_id: str,
+    *,
+    messages: list[dict[str, Any]] | None = None,
+    statuses: list[dict[str, Any]] | None = None,
+    names: dict[str, str] | None = None,
+    display_phone_number: str = "15550001111",
+) -> dict[str, Any]:
+    """One ``changes[]`` item (field ``messages``) for a business number."""
+    value: dict[str, Any] = {
+        "messaging_product": "whatsapp",
+        "metadata": {
+            "display_phone_number": display_phone_number,
+            "phone_number_id": phone_number_id,
+        },
+    }
+    if messages:
+        senders = dict.fromkeys(m["from"] for m in messages)
+        value["contacts"] = [
+            {"profile": {"name": (names or {}).get(w, f"User {w}")}, "wa_id": w} for w in senders
+        ]
+        value["messages"] = messages
+    if statuses:
+        value["statuses"] = statuses
+    return {"field": "messages", "value": value}
+
+
+def envelope(*entries: list[dict[str, Any]], waba_id: str = "102290129340398") -> dict[str, Any]:
+    """The webhook body: one ``entry`` per list of changes."""
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": waba_id, "changes": changes} for changes in entries],
+    }
+
+
+@dataclass
+class WhatsAppSender:
+    """Meta's side of the webhook: signs bodies with the app secret and POSTs them."""
+
+    http: aiohttp.ClientSession
+    url: str
+    app_secret: str
+
+    async def post(
+        self, payload: dict[str, Any] | bytes, *, signature_header: str | None = "sign"
+    ) -> tuple[int, Any]:
+        """POST ``payload``; ``signature_header`` None sends none, another string sends it as
+        is. Returns (status, parsed JSON body or text)."""
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"}
+        if signature_header == "sign":
+            headers["X-Hub-Signature-256"] = signature(body, self.app_secret)
+        elif signature_header is not None:
+            headers["X-Hub-Signature-256"] = signature_header
+        async with self.http.post(self.url, data=body, headers=headers) as resp:
+            text = await resp.text()
+            try:
+                return resp.status, json.loads(text)
+            except ValueError:
+                return resp.status, text
+
+    async def verify(self, mode: str, token: str, challenge: str) -> tuple[int, str]:
+        """Meta's GET handshake."""
+        params = {"hub.mode": mode, "hub.verify_token": token, "hub.challenge": challenge}
+        async with self.http.get(self.url, params=params) as resp:
+            return resp.status, await resp.text()
