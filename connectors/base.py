@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
@@ -52,6 +53,8 @@ class OutboundMessage:
     identity: str
     message: dict[str, Any]
     idempotency_key: str
+    # When the customer last wrote (None: not known), for channels with a reply window.
+    customer_last_at: datetime | None = None
 
 
 @dataclass(frozen=True)

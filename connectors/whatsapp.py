@@ -9,38 +9,39 @@ out through the number (and token) the conversation runs on. Wire facts:
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import aiohttp
 import structlog
-from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from connectors.base import Channel, ConnectorSettings, OutboundMessage
-from controller.errors import (
-    ChannelSendError,
-    Conflict,
-    ConnectorError,
-    Forbidden,
-    RequestError,
-    WebhookAuthError,
+from connectors.base import ConnectorSettings, OutboundMessage
+from connectors.meta import (
+    AccessToken,
+    GraphCodes,
+    MetaAppSettings,
+    MetaChannel,
+    Payload,
+    buttons_of,
+    ensure_unique,
+    fit_buttons,
+    unknown_endpoint,
 )
+from controller.errors import ConnectorError
 from controller.models import NewEvent
-from controller.settings import is_placeholder
 
 log = structlog.get_logger(__name__)
 
 CHANNEL = "whatsapp"
 MEDIA_TYPES = frozenset({"image", "audio", "video", "document", "sticker"})
 # Graph error codes (protocol sheet §5) → our failure reasons.
-WINDOW_CLOSED = frozenset({131047})
-INVALID_RECIPIENT = frozenset({131026, 131030, 131021})
-RATE_LIMITED = frozenset({4, 80007, 130429, 131056, 131048})
-TRANSIENT = frozenset({1, 2, 131000, 131016, 131049, 131052, 131053, 131057})
+GRAPH_CODES = GraphCodes(
+    window_closed=frozenset({131047}),
+    invalid_recipient=frozenset({131026, 131030, 131021}),
+    rate_limited=frozenset({4, 80007, 130429, 131056, 131048}),
+    transient=frozenset({1, 2, 131000, 131016, 131049, 131052, 131053, 131057}),
+)
 MAX_BUTTONS = 3
 MAX_BUTTON_TITLE = 20
 
@@ -52,52 +53,27 @@ class WhatsAppEndpoint(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     phone_number_id: str = Field(pattern=r"^[0-9]{1,32}$")
-    access_token: str = Field(repr=False)
+    access_token: AccessToken
     display_phone_number: str | None = None
 
-    @field_validator("access_token")
-    @classmethod
-    def _real_token(cls, value: str) -> str:
-        if is_placeholder(value):
-            raise ValueError("access_token is missing or a placeholder")
-        return value
 
-
-class WhatsAppSettings(ConnectorSettings):
-    graph_base_url: str = Field("https://graph.facebook.com", pattern=r"^https?://[^\s/]+")
-    graph_api_version: str = Field("v21.0", pattern=r"^v[0-9]+\.[0-9]+$")
-    app_secret: str = Field(repr=False)
-    verify_token: str = Field(repr=False)
+class WhatsAppSettings(MetaAppSettings):
     waba_id: str | None = None
     endpoints: list[WhatsAppEndpoint] = Field(min_length=1)
-    max_body_bytes: int = Field(1024 * 1024, ge=1024)
     media_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
     # Inbound media whose MIME type matches none of these prefixes is flagged, not downloaded.
     media_allowed_types: list[str] = Field(
         default_factory=lambda: ["image/", "audio/", "video/", "application/pdf", "text/plain"]
     )
-    http_timeout_s: float = Field(10.0, gt=0)
-
-    @field_validator("graph_base_url")
-    @classmethod
-    def _no_trailing_slash(cls, value: str) -> str:
-        return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _secrets_and_endpoints(self) -> WhatsAppSettings:
-        # Refused in every profile: a guessable app secret lets anyone forge customer messages.
-        bad = [f for f in ("app_secret", "verify_token") if is_placeholder(getattr(self, f))]
-        if bad:
-            raise ValueError(f"missing or placeholder secrets: {', '.join(bad)}")
-        ids = [e.phone_number_id for e in self.endpoints]
-        if len(ids) != len(set(ids)):
-            raise ValueError("a phone_number_id is listed twice")
+    def _unique_endpoints(self) -> WhatsAppSettings:
+        ensure_unique((e.phone_number_id for e in self.endpoints), "phone_number_id")
         return self
 
 
 # provider payloads (unknown fields are tolerated: Meta adds fields without notice) -----------
-class _Payload(BaseModel):
-    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+_Payload = Payload
 
 
 class _Text(_Payload):
@@ -220,11 +196,6 @@ class _Entry(_Payload):
     changes: list[_Change] = Field(default_factory=list)
 
 
-class _Envelope(_Payload):
-    object: str
-    entry: list[_Entry]
-
-
 class _SentMessage(_Payload):
     id: str
 
@@ -233,132 +204,32 @@ class _SendResponse(_Payload):
     messages: list[_SentMessage] = Field(default_factory=list)
 
 
-class _GraphError(_Payload):
-    code: int | None = None
-    message: str | None = None
-    error_data: dict[str, Any] | None = None
-
-
-class _GraphErrorBody(_Payload):
-    error: _GraphError
-
-
 class _MediaInfo(_Payload):
     url: str
     mime_type: str | None = None
     file_size: int | None = None
 
 
-def _clean(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if v is not None}
-
-
 # the channel -------------------------------------------------------------------------------
-class WhatsAppChannel(Channel):
-    capabilities: ClassVar[frozenset[str]] = frozenset({"text", "buttons"})
+class WhatsAppChannel(MetaChannel[_Value]):
+    channel: ClassVar[str] = CHANNEL
+    webhook_object: ClassVar[str] = "whatsapp_business_account"
+    graph_codes: ClassVar[GraphCodes] = GRAPH_CODES
     settings_model: ClassVar[type[ConnectorSettings]] = WhatsAppSettings
     settings: WhatsAppSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._endpoints = {e.phone_number_id: e for e in self.settings.endpoints}
-        self._source = f"{CHANNEL}:{self.name}"
-
-    def routes(self) -> list[web.RouteDef]:
-        path = f"/webhooks/{self.name}"
-        return [web.get(path, self._verify_handler), web.post(path, self._webhook_handler)]
 
     # inbound ---------------------------------------------------------------------------
-    async def _verify_handler(self, request: web.Request) -> web.Response:
-        """Meta's subscription handshake: echo ``hub.challenge`` if the verify token matches."""
-        q = request.query
-        token = q.get("hub.verify_token", "")
-        challenge = q.get("hub.challenge", "")
-        ok = hmac.compare_digest(token.encode(), self.settings.verify_token.encode())
-        if q.get("hub.mode") != "subscribe" or not ok or not challenge or len(challenge) > 256:
-            log.warning("whatsapp_verify_refused", instance=self.name)
-            raise Forbidden("webhook verification failed", code="verification_failed")
-        return web.Response(text=challenge, content_type="text/plain")
-
-    async def _webhook_handler(self, request: web.Request) -> web.Response:
-        """Verify the signature over the raw body, map every item, store all in one submit.
-
-        The 200 goes out only after the commit, so an answered delivery is never lost; a
-        redelivery is deduplicated by message id (and status id + status).
-        """
-        raw = await self._read_body(request)
-        self._check_signature(request, raw)
-        try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(f"malformed JSON: {exc}", code="malformed_json") from exc
-        try:
-            envelope = _Envelope.model_validate(data)
-            if envelope.object != "whatsapp_business_account":
-                log.info(
-                    "whatsapp_other_object_ignored", instance=self.name, object=envelope.object
-                )
-                return web.json_response({"ok": True, "events": 0})
-            values = [
-                _Value.model_validate(change.value)
-                for entry in envelope.entry
-                for change in entry.changes
-                if change.field == "messages"
-            ]
-        except ValidationError as exc:
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                for e in exc.errors()[:5]
-            )
-            raise RequestError(f"invalid webhook body: {details}", code="invalid_body") from exc
-        stored = await self._store(values)
-        return web.json_response({"ok": True, "events": stored})
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The exact bytes received, refused past the instance's size limit (413)."""
-        limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise RequestError("request body too large", code="too_large", status=413)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise RequestError("request body too large", code="too_large", status=413)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def _check_signature(self, request: web.Request, raw: bytes) -> None:
-        header = request.headers.get("X-Hub-Signature-256", "")
-        if not header:
-            log.warning("whatsapp_signature_missing", instance=self.name, remote=request.remote)
-            raise WebhookAuthError("missing X-Hub-Signature-256", code="missing_signature")
-        expected = hmac.new(self.settings.app_secret.encode(), raw, hashlib.sha256).hexdigest()
-        scheme, _, given = header.partition("=")
-        if scheme != "sha256" or not hmac.compare_digest(given.encode(), expected.encode()):
-            log.warning("whatsapp_signature_invalid", instance=self.name, remote=request.remote)
-            raise Forbidden("invalid X-Hub-Signature-256", code="bad_signature")
-
-    async def _store(self, values: Sequence[_Value]) -> int:
-        """Submit every message and status of the delivery, in order, as one inbox submit.
-
-        A status attaches to the identity's open conversation, found before the submit; if
-        that conversation closes in between, the submit is refused and tried again (every
-        item is deduplicated, so trying again adds nothing twice).
-        """
-        for attempt in range(3):
-            events = await self._events(values)
-            if not events:
-                return 0
-            try:
-                accepted = await self.context.submit(events)
-            except Conflict as exc:
-                if exc.code != "conversation_closed" or attempt == 2:
-                    raise
-                log.info("whatsapp_status_conversation_closed_retry", instance=self.name)
-                continue
-            return sum(1 for a in accepted if not a.duplicate)
-        return 0  # pragma: no cover - the loop returns or raises
+    def _items(self, entries: list[dict[str, Any]]) -> list[_Value]:
+        return [
+            _Value.model_validate(change.value)
+            for entry in (_Entry.model_validate(e) for e in entries)
+            for change in entry.changes
+            if change.field == "messages"
+        ]
 
     async def _events(self, values: Sequence[_Value]) -> list[NewEvent]:
         events: list[NewEvent] = []
@@ -401,10 +272,6 @@ class WhatsAppChannel(Channel):
                 events.append(self._status_event(endpoint, conversation_id, status))
         return events
 
-    async def _open_conversation(self, endpoint: str, identity: str) -> str | None:
-        snapshot = await self.context.service["history"](self.name, endpoint, identity)
-        return str(snapshot["conversation_id"]) if snapshot.get("open") else None
-
     def _message_event(
         self, endpoint: str, meta: _Metadata, msg: _Message, names: dict[str, str | None]
     ) -> NewEvent:
@@ -419,16 +286,7 @@ class WhatsAppChannel(Channel):
             "reply_to": msg.context.id if msg.context else None,
         }
         data.update(self._content(msg))
-        return NewEvent(
-            type="customer.message",
-            source=self._source,
-            dedupe_key=msg.id,
-            channel=CHANNEL,
-            instance=self.name,
-            endpoint=endpoint,
-            identity=msg.sender,
-            data=_clean(data),
-        )
+        return self._customer_message(msg.id, endpoint, msg.sender, data)
 
     def _content(self, msg: _Message) -> dict[str, Any]:
         """The type-specific part of a message; unknown or empty types carry no text."""
@@ -494,25 +352,16 @@ class WhatsAppChannel(Channel):
             "error_title": error.title if error else None,
             "error_details": error.details if error else None,
         }
-        return NewEvent(
-            type="delivery.status",
-            source=self._source,
-            dedupe_key=f"{status.id}:{status.status}",
-            conversation_id=conversation_id,
-            data=_clean(data),
-        )
+        return self._delivery_status(f"{status.id}:{status.status}", conversation_id, data)
 
     # outbound --------------------------------------------------------------------------
     async def send(self, message: OutboundMessage) -> str | None:
         """Send through the conversation's own number and token; return the ``wamid``."""
         endpoint = self._endpoints.get(message.endpoint)
         if endpoint is None:
-            raise ChannelSendError(
-                f"provider_error: unknown phone_number_id {message.endpoint!r}", retryable=False
-            )
+            raise unknown_endpoint("phone_number_id", message.endpoint)
         body = self._send_body(message)
-        s = self.settings
-        url = f"{s.graph_base_url}/{s.graph_api_version}/{endpoint.phone_number_id}/messages"
+        url = f"{self.settings.graph_url}/{endpoint.phone_number_id}/messages"
         data = await self._graph("POST", url, endpoint, json_body=body)
         sent = _SendResponse.model_validate(data) if isinstance(data, dict) else None
         if sent is None or not sent.messages:
@@ -528,11 +377,10 @@ class WhatsAppChannel(Channel):
             "recipient_type": "individual",
             "to": message.identity,
         }
-        buttons = _buttons(message.message.get("buttons"))
-        fits = len(buttons) <= MAX_BUTTONS and all(
-            len(title) <= MAX_BUTTON_TITLE for _, title in buttons
-        )
-        if buttons and text and fits:
+        buttons = buttons_of(message.message.get("buttons"))
+        # Too many or too long for reply buttons → numbered text.
+        text, use_buttons = fit_buttons(text, buttons, MAX_BUTTONS, MAX_BUTTON_TITLE)
+        if use_buttons:
             return {
                 **common,
                 "type": "interactive",
@@ -547,9 +395,6 @@ class WhatsAppChannel(Channel):
                     },
                 },
             }
-        if buttons:  # degrade: too many or too long for reply buttons → numbered text
-            lines = [f"{i}. {title}" for i, (_, title) in enumerate(buttons, 1)]
-            text = "\n".join([text, *lines]) if text else "\n".join(lines)
         return {**common, "type": "text", "text": {"preview_url": False, "body": text}}
 
     async def _graph(
@@ -560,28 +405,9 @@ class WhatsAppChannel(Channel):
         *,
         json_body: dict[str, Any] | None = None,
     ) -> Any:
-        """One Graph API call with the endpoint's token; errors mapped to ChannelSendError."""
-        http = self.context.http
-        if http is None or http.closed:  # not started yet, or shutting down: try later
-            raise ChannelSendError("provider_error: the service is not running", retryable=True)
+        """One Graph API call with the endpoint's Bearer token."""
         headers = {"Authorization": f"Bearer {endpoint.access_token}"}
-        timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout_s)
-        try:
-            async with http.request(
-                method, url, json=json_body, headers=headers, timeout=timeout
-            ) as resp:
-                status, raw = resp.status, await resp.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ChannelSendError(
-                f"provider_error: {type(exc).__name__}: {exc}", retryable=True
-            ) from exc
-        try:
-            data = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError):
-            data = None
-        if 200 <= status < 300:
-            return data
-        raise _send_error(status, data)
+        return await self._graph_call(method, url, headers=headers, json_body=json_body)
 
     async def download_media(self, media_id: str, endpoint: str) -> tuple[bytes, str | None]:
         """Fetch an inbound media file (two steps: its URL, then its bytes, same token).
@@ -593,7 +419,7 @@ class WhatsAppChannel(Channel):
         if ep is None:
             raise ConnectorError(f"unknown phone_number_id {endpoint!r}")
         s = self.settings
-        info_url = f"{s.graph_base_url}/{s.graph_api_version}/{media_id}"
+        info_url = f"{s.graph_url}/{media_id}"
         try:
             info = _MediaInfo.model_validate(await self._graph("GET", info_url, ep))
         except ValidationError as exc:
@@ -619,41 +445,3 @@ class WhatsAppChannel(Channel):
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ConnectorError(f"media download failed: {type(exc).__name__}") from exc
         return bytes(body), info.mime_type
-
-
-def _buttons(raw: Any) -> list[tuple[str, str]]:
-    """Buttons an outbound message carries: ``["Yes", …]`` or ``[{"id", "title"}, …]``."""
-    if not isinstance(raw, list):
-        return []
-    out: list[tuple[str, str]] = []
-    for i, item in enumerate(raw):
-        if isinstance(item, str) and item:
-            out.append((f"b{i}", item))
-        elif isinstance(item, dict) and item.get("title"):
-            out.append((str(item.get("id") or f"b{i}"), str(item["title"])))
-    return out
-
-
-def _send_error(status: int, data: Any) -> ChannelSendError:
-    """Map a Graph error answer: the error code is authoritative, the HTTP status a hint."""
-    error: _GraphError | None = None
-    if isinstance(data, dict):
-        try:
-            error = _GraphErrorBody.model_validate(data).error
-        except ValidationError:
-            error = None
-    code = error.code if error else None
-    details = (error.error_data or {}).get("details") if error and error.error_data else None
-    text = (error.message or "") if error else ""
-    if code is not None and not text.startswith(f"(#{code})"):
-        text = f"(#{code}) {text}".strip()
-    described = f"HTTP {status} {text}" + (f" [{details}]" if details else "")
-    if code in WINDOW_CLOSED:
-        return ChannelSendError(f"window_closed: {described}", retryable=False)
-    if code in INVALID_RECIPIENT:
-        return ChannelSendError(f"invalid_recipient: {described}", retryable=False)
-    if status == 429 or code in RATE_LIMITED:
-        return ChannelSendError(f"rate_limited: {described}", retryable=True)
-    if status >= 500 or code in TRANSIENT:
-        return ChannelSendError(f"provider_error: {described}", retryable=True)
-    return ChannelSendError(f"provider_error: {described}", retryable=False)

@@ -6,6 +6,7 @@ Each long-lived resource is one ``cleanup_ctx`` generator: set up, yield, tear d
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -22,11 +23,12 @@ from connectors.base import (
     build_connector,
     connector_types,
 )
-from controller.api import admin, agents, conversations, health
+from controller.api import admin, agents, conversations, customers, health
 from controller.api import rules as rules_api
 from controller.api.common import errors_middleware, hash_token
 from controller.api.desk import DeskHub
 from controller.clock import Clock, SystemClock
+from controller.customers import CustomerProfiles
 from controller.errors import BotError, ConfigError, RequestError
 from controller.inbox import Inbox
 from controller.keys import (
@@ -34,6 +36,7 @@ from controller.keys import (
     CHANNELS,
     CLOCK,
     CONNECTOR_CONTEXT,
+    CUSTOMERS,
     DESK,
     DISPATCHER,
     HTTP,
@@ -75,6 +78,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app.router.add_routes(conversations.routes())
     app.router.add_routes(admin.routes())
     app.router.add_routes(rules_api.routes())
+    app.router.add_routes(customers.routes())
     app.router.add_get("/", _index)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_engine_ctx)
@@ -170,6 +174,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         clock=clock,
     )
     app[RULES] = rules
+    profiles = app[CUSTOMERS] = CustomerProfiles(store)
     await rules.start(watch=settings.rules_watch, interval=settings.rules_watch_interval)
     workers = Workers(
         store,
@@ -180,6 +185,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         concurrency=settings.workers,
         matcher=settings.matcher,
         queue_facts=lambda conv: app[ROUTER].queue_facts(conv),  # the router is made below
+        customer_facts=profiles.facts,
     )
     app[WORKERS] = workers
     app[INBOX] = Inbox(store, clock, metrics, workers.notify)
@@ -275,6 +281,7 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
     channel = app[CHANNELS].get(instance)
     if channel is None:
         raise ConfigError(f"no channel instance {instance!r}")
+    last_at = row.payload.get("customer_last_at")  # absent in rows queued before it existed
     await channel.send(
         OutboundMessage(
             conversation_id=row.conversation_id,
@@ -282,6 +289,7 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
             identity=str(row.payload.get("identity", "")),
             message=dict(row.payload["message"]),
             idempotency_key=row.idempotency_key,
+            customer_last_at=datetime.fromisoformat(last_at) if isinstance(last_at, str) else None,
         )
     )
 

@@ -69,6 +69,13 @@ class Conflict(RequestError):
         super().__init__(message, code=code, status=409)
 
 
+class PreconditionFailed(RequestError):
+    """An ``If-Match`` version is not the stored one any more (412)."""
+
+    def __init__(self, message: str, *, code: str = "precondition_failed") -> None:
+        super().__init__(message, code=code, status=412)
+
+
 class ConnectorError(ConvctlError):
     code = "connector_error"
     status = 502

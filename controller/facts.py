@@ -26,8 +26,14 @@ def clock_facts(now: datetime, tz: ZoneInfo) -> dict[str, Any]:
 
 
 def build_facts(
-    conv: Conversation, event: Event, tz: ZoneInfo, queue: dict[str, Any] | None = None
+    conv: Conversation,
+    event: Event,
+    tz: ZoneInfo,
+    queue: dict[str, Any] | None = None,
+    customer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``queue`` and ``customer`` are derived facts read before deciding (router, profiles);
+    ``customer`` gives known, profile and, when the profile has one, language."""
     now = event.accepted_at
     idle_since = conv.last_customer_message_at or conv.created_at
     agents = [p for p in conv.participants if p.role == "agent" and p.present]
@@ -61,6 +67,7 @@ def build_facts(
             "known": False,
             "language": conv.language,
             "profile": {},
+            **(customer or {}),
         },
         "now": clock_facts(now, tz),
     }

@@ -515,6 +515,11 @@ class Decider:
             {
                 "endpoint": conv.endpoint,
                 "identity": conv.identity,
+                "customer_last_at": (
+                    conv.last_customer_message_at.isoformat()
+                    if conv.last_customer_message_at
+                    else None
+                ),
                 "message": {
                     "id": msg.id,
                     "from": msg.sender_role,

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     rules_watch_interval: float = Field(1.0, gt=0)
     default_language: str = "en"
     timezone: str = "UTC"
+    # ISO region for phone numbers written without a country code (e.g. "DE"); none: refused
+    default_phone_region: str | None = Field(None, pattern=r"^[A-Z]{2}$")
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     session_secret: str = ""
     admin_token: str = ""

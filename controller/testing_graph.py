@@ -1,10 +1,14 @@
-"""A fake Meta Graph API (WhatsApp Cloud) and a fake Meta webhook sender, for tests.
+"""A fake Meta Graph API (WhatsApp Cloud, Messenger) and a fake Meta webhook sender, for tests.
 
 ``FakeGraph`` is a real aiohttp server on 127.0.0.1 (ephemeral port): it records every request,
 answers ``POST /{version}/{phone_number_id}/messages`` with a fresh ``wamid``, serves media
 (info + bytes), checks what Graph checks (Bearer token of the number, ``messaging_product``,
-payload key matching ``type``, reply buttons) and can be scripted to fail.
-``WhatsAppSender`` builds webhook payloads, signs them with the app secret and POSTs them.
+payload key matching ``type``, reply buttons) and can be scripted to fail. For Messenger it
+answers ``POST /{version}/me/messages`` (Page token in the ``access_token`` query parameter,
+``recipient.id``, ``messaging_type`` / ``tag``, exactly one of ``message`` / ``sender_action``,
+quick replies) with a fresh ``mid``.
+``MetaSender`` (alias ``WhatsAppSender``, ``MessengerSender``) signs webhook bodies with the app
+secret and POSTs them; the builders below make WhatsApp and Messenger payloads.
 Everything waits on conditions, never on fixed sleeps.
 """
 
@@ -36,6 +40,7 @@ class GraphRequest:
     headers: dict[str, str]
     json: Any
     status: int  # what the fake answered
+    page_id: str | None = None  # Messenger: the Page whose token was used
 
     @property
     def token(self) -> str | None:
@@ -43,14 +48,25 @@ class GraphRequest:
         return token if scheme == "Bearer" else None
 
     @property
+    def access_token(self) -> str | None:
+        """The ``access_token`` query parameter (how Messenger sends pass the Page token)."""
+        return self.query.get("access_token")
+
+    @property
+    def is_send(self) -> bool:
+        parts = self.path.strip("/").split("/")
+        return len(parts) == 3 and parts[2] == "messages"
+
+    @property
     def phone_number_id(self) -> str | None:
         parts = self.path.strip("/").split("/")
-        return parts[1] if len(parts) == 3 and parts[2] == "messages" else None
+        return parts[1] if self.is_send and parts[1] != "me" else None
 
 
 @dataclass
 class GraphFailure:
-    """A scripted error answer: ``times`` (None = always) for sends matching ``to``/number."""
+    """A scripted error answer: ``times`` (None = always) for sends matching ``to`` (the
+    recipient: WhatsApp ``to``, Messenger ``recipient.id``) and the number or Page."""
 
     status: int
     code: int
@@ -59,21 +75,32 @@ class GraphFailure:
     times: int | None = 1
     to: str | None = None
     phone_number_id: str | None = None
+    subcode: int | None = None
 
-    def matches(self, phone_number_id: str, body: Any) -> bool:
+    def matches(self, endpoint: str, body: Any) -> bool:
         if self.times is not None and self.times <= 0:
             return False
-        if self.phone_number_id is not None and self.phone_number_id != phone_number_id:
+        if self.phone_number_id is not None and self.phone_number_id != endpoint:
             return False
-        return self.to is None or (isinstance(body, dict) and body.get("to") == self.to)
+        return self.to is None or _recipient(body) == self.to
+
+
+def _recipient(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    recipient = body.get("recipient")
+    found = recipient.get("id") if isinstance(recipient, dict) else body.get("to")
+    return found if isinstance(found, str) else None
 
 
 @dataclass
 class FakeGraph:
-    """The fake Graph API. ``tokens`` maps phone_number_id → the only token accepted for it."""
+    """The fake Graph API. ``tokens`` maps phone_number_id → the only token accepted for it,
+    ``page_tokens`` page_id → the Page's token (Messenger)."""
 
     version: str = "v21.0"
     tokens: dict[str, str] = field(default_factory=dict)
+    page_tokens: dict[str, str] = field(default_factory=dict)
     media: dict[str, tuple[bytes, str]] = field(default_factory=dict)
     requests: list[GraphRequest] = field(default_factory=list)
     failures: list[GraphFailure] = field(default_factory=list)
@@ -83,6 +110,7 @@ class FakeGraph:
         self._ids = itertools.count(1)
         self._changed = asyncio.Condition()
         app = web.Application()
+        app.router.add_post("/{version}/me/messages", self._me_messages)  # before the next
         app.router.add_post("/{version}/{phone_number_id}/messages", self._messages)
         app.router.add_get("/media-bytes/{media_id}", self._media_bytes)
         app.router.add_get("/{version}/{media_id}", self._media_info)
@@ -107,11 +135,14 @@ class FakeGraph:
         times: int | None = 1,
         to: str | None = None,
         phone_number_id: str | None = None,
+        page_id: str | None = None,
         message: str = "scripted failure",
         details: str = "",
+        subcode: int | None = None,
     ) -> GraphFailure:
         """Answer the next ``times`` matching sends (None: all of them) with a Graph error."""
-        failure = GraphFailure(status, code, message, details, times, to, phone_number_id)
+        endpoint = phone_number_id or page_id
+        failure = GraphFailure(status, code, message, details, times, to, endpoint, subcode)
         self.failures.append(failure)
         return failure
 
@@ -121,9 +152,7 @@ class FakeGraph:
         return [
             r
             for r in self.requests
-            if r.phone_number_id is not None
-            and r.status == 200
-            and (predicate is None or predicate(r))
+            if r.is_send and r.status == 200 and (predicate is None or predicate(r))
         ]
 
     async def wait_for(
@@ -143,7 +172,9 @@ class FakeGraph:
         return self.sent(predicate)
 
     # handlers ----------------------------------------------------------------------------
-    async def _record(self, request: web.Request, body: Any, status: int) -> None:
+    async def _record(
+        self, request: web.Request, body: Any, status: int, page_id: str | None = None
+    ) -> None:
         async with self._changed:
             self.requests.append(
                 GraphRequest(
@@ -153,15 +184,30 @@ class FakeGraph:
                     dict(request.headers),
                     body,
                     status,
+                    page_id,
                 )
             )
             self._changed.notify_all()
 
     async def _answer(
-        self, request: web.Request, body: Any, status: int, payload: dict[str, Any]
+        self,
+        request: web.Request,
+        body: Any,
+        status: int,
+        payload: dict[str, Any],
+        page_id: str | None = None,
     ) -> web.Response:
-        await self._record(request, body, status)
+        await self._record(request, body, status, page_id)
         return web.json_response(payload, status=status)
+
+    def _scripted(self, endpoint: str, body: Any) -> GraphFailure | None:
+        """The first scripted failure for this send, used up by one."""
+        for failure in self.failures:
+            if failure.matches(endpoint, body):
+                if failure.times is not None:
+                    failure.times -= 1
+                return failure
+        return None
 
     def _auth_error(self, request: web.Request, phone_number_id: str | None) -> str | None:
         if "access_token" in request.query:
@@ -176,24 +222,30 @@ class FakeGraph:
             return "unknown token"
         return None
 
-    async def _messages(self, request: web.Request) -> web.Response:
-        number = request.match_info["phone_number_id"]
+    async def _send_body(
+        self, request: web.Request, error: Callable[[int, str], dict[str, Any]]
+    ) -> tuple[Any, web.Response | None]:
+        """A send's JSON body, or the answer refusing it (bad JSON, another API version)."""
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
-            return await self._answer(request, None, 400, _error(100, "malformed JSON"))
+            return None, await self._answer(request, None, 400, error(100, "malformed JSON"))
         if request.match_info["version"] != self.version:
-            return await self._answer(request, body, 400, _error(100, "unknown API version"))
+            return body, await self._answer(request, body, 400, error(100, "unknown API version"))
+        return body, None
+
+    async def _messages(self, request: web.Request) -> web.Response:
+        number = request.match_info["phone_number_id"]
+        body, refused = await self._send_body(request, _error)
+        if refused is not None:
+            return refused
         if (auth := self._auth_error(request, number)) is not None:
             return await self._answer(request, body, 401, _error(190, auth))
         if (problem := _invalid_send(body)) is not None:
             return await self._answer(request, body, 400, _error(100, problem))
-        for failure in self.failures:
-            if failure.matches(number, body):
-                if failure.times is not None:
-                    failure.times -= 1
-                payload = _error(failure.code, failure.message, failure.details)
-                return await self._answer(request, body, failure.status, payload)
+        if (failure := self._scripted(number, body)) is not None:
+            payload = _error(failure.code, failure.message, failure.details, failure.subcode)
+            return await self._answer(request, body, failure.status, payload)
         wamid = f"wamid.FAKE{next(self._ids):06d}"
         return await self._answer(
             request,
@@ -205,6 +257,26 @@ class FakeGraph:
                 "messages": [{"id": wamid, "message_status": "accepted"}],
             },
         )
+
+    async def _me_messages(self, request: web.Request) -> web.Response:
+        """Messenger's Send API: the Page is the one whose token is in ``access_token``."""
+        body, refused = await self._send_body(request, _page_error)
+        if refused is not None:
+            return refused
+        token = request.query.get("access_token", "")
+        page = next((p for p, t in self.page_tokens.items() if t and t == token), None)
+        if page is None:
+            auth = "unknown access_token" if token else "access_token query parameter missing"
+            return await self._answer(request, body, 401, _page_error(190, auth))
+        if (problem := _invalid_page_send(body)) is not None:
+            return await self._answer(request, body, 400, _page_error(100, problem), page)
+        if (failure := self._scripted(page, body)) is not None:
+            payload = _page_error(failure.code, failure.message, failure.subcode)
+            return await self._answer(request, body, failure.status, payload, page)
+        answer = {"recipient_id": body["recipient"]["id"]}
+        if "message" in body:
+            answer["message_id"] = f"m_FAKE{next(self._ids):06d}"
+        return await self._answer(request, body, 200, answer, page)
 
     async def _media_info(self, request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
@@ -237,16 +309,65 @@ class FakeGraph:
         return web.Response(body=content, content_type=mime.split(";")[0])
 
 
-def _error(code: int, message: str, details: str = "") -> dict[str, Any]:
-    return {
-        "error": {
-            "message": f"(#{code}) {message}",
-            "type": "OAuthException",
-            "code": code,
-            "error_data": {"messaging_product": "whatsapp", "details": details or message},
-            "fbtrace_id": "FAKE",
-        }
+def _page_error(code: int, message: str, subcode: int | None = None) -> dict[str, Any]:
+    """A Graph error body as Messenger's Send API answers it."""
+    error: dict[str, Any] = {
+        "message": f"(#{code}) {message}",
+        "type": "OAuthException",
+        "code": code,
+        "fbtrace_id": "FAKE",
     }
+    if subcode is not None:
+        error["error_subcode"] = subcode
+    return {"error": error}
+
+
+def _error(
+    code: int, message: str, details: str = "", subcode: int | None = None
+) -> dict[str, Any]:
+    body = _page_error(code, message, subcode)
+    body["error"]["error_data"] = {"messaging_product": "whatsapp", "details": details or message}
+    return body
+
+
+MESSAGING_TYPES = frozenset({"RESPONSE", "UPDATE", "MESSAGE_TAG"})
+MESSAGE_TAGS = frozenset(
+    {"HUMAN_AGENT", "CONFIRMED_EVENT_UPDATE", "POST_PURCHASE_UPDATE", "ACCOUNT_UPDATE"}
+)
+SENDER_ACTIONS = frozenset({"typing_on", "typing_off", "mark_seen"})
+
+
+def _invalid_page_send(body: Any) -> str | None:
+    """What Messenger's Send API would reject in a body, or None."""
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    recipient = body.get("recipient")
+    if not isinstance(recipient, dict) or not isinstance(recipient.get("id"), str):
+        return "recipient.id is required"
+    if ("message" in body) == ("sender_action" in body):
+        return "exactly one of message and sender_action"
+    if "sender_action" in body:
+        return None if body["sender_action"] in SENDER_ACTIONS else "unknown sender_action"
+    if body.get("messaging_type") not in MESSAGING_TYPES:
+        return "messaging_type must be RESPONSE, UPDATE or MESSAGE_TAG"
+    if (body["messaging_type"] == "MESSAGE_TAG") != ("tag" in body):
+        return "a tag goes with messaging_type MESSAGE_TAG, and only with it"
+    if "tag" in body and body["tag"] not in MESSAGE_TAGS:
+        return "unknown message tag"
+    msg = body["message"]
+    if not isinstance(msg, dict) or ("text" in msg) == ("attachment" in msg):
+        return "message needs exactly one of text and attachment"
+    if "text" in msg and not 1 <= len(str(msg["text"]).strip()) <= 2000:
+        return "message.text must have 1 to 2000 characters"
+    replies = msg.get("quick_replies", [])
+    if not isinstance(replies, list) or len(replies) > 13:
+        return "at most 13 quick replies"
+    for reply in replies:
+        if reply.get("content_type") == "text" and not (
+            1 <= len(reply.get("title", "")) <= 20 and reply.get("payload")
+        ):
+            return "a text quick reply needs a title of 1 to 20 characters and a payload"
+    return None
 
 
 def _invalid_send(body: Any) -> str | None:
@@ -359,8 +480,46 @@ def envelope(*entries: list[dict[str, Any]], waba_id: str = "102290129340398") -
     }
 
 
+# Messenger payloads --------------------------------------------------------------------------
+def messaging_item(
+    psid: str, page_id: str, *, timestamp: int | None = None, **content: Any
+) -> dict[str, Any]:
+    """One ``messaging[]`` event from ``psid`` to the Page; ``content`` is its kind's key, e.g.
+    ``message={...}``, ``postback={...}``, ``delivery={...}``, ``read={...}``, ``reaction=...``."""
+    return {
+        "sender": {"id": psid},
+        "recipient": {"id": page_id},
+        "timestamp": timestamp or int(time.time() * 1000),
+        **content,
+    }
+
+
+def messenger_text(
+    psid: str, page_id: str, text: str, mid: str, *, timestamp: int | None = None
+) -> dict[str, Any]:
+    return messaging_item(psid, page_id, timestamp=timestamp, message={"mid": mid, "text": text})
+
+
+def messenger_echo(psid: str, page_id: str, text: str, mid: str) -> dict[str, Any]:
+    """The echo of a message the Page sent: sender and recipient swapped, ``is_echo``."""
+    item = messaging_item(page_id, psid, message={"mid": mid, "text": text, "is_echo": True})
+    item["message"]["app_id"] = 263902037430900
+    return item
+
+
+def page_envelope(*entries: tuple[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The Messenger webhook body: one ``entry`` per (page_id, messaging items)."""
+    return {
+        "object": "page",
+        "entry": [
+            {"id": page_id, "time": int(time.time() * 1000), "messaging": items}
+            for page_id, items in entries
+        ],
+    }
+
+
 @dataclass
-class WhatsAppSender:
+class MetaSender:
     """Meta's side of the webhook: signs bodies with the app secret and POSTs them."""
 
     http: aiohttp.ClientSession
@@ -390,3 +549,7 @@ class WhatsAppSender:
         params = {"hub.mode": mode, "hub.verify_token": token, "hub.challenge": challenge}
         async with self.http.get(self.url, params=params) as resp:
             return resp.status, await resp.text()
+
+
+WhatsAppSender = MetaSender
+MessengerSender = MetaSender

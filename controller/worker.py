@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -31,6 +31,8 @@ log = structlog.get_logger(__name__)
 AfterCommit = Callable[[DecisionRecord, Committed], None]
 # Derived ``queue.*`` facts for a conversation at decide time (the router's ``queue_facts``).
 QueueFacts = Callable[[Conversation], dict[str, Any] | None]
+# Derived ``customer.*`` facts (known, language, profile), awaited before deciding.
+CustomerFacts = Callable[[Conversation], Awaitable[dict[str, Any] | None]]
 _BATCH = 100
 
 
@@ -49,8 +51,10 @@ class Workers:
         concurrency: int,
         matcher: str,
         queue_facts: QueueFacts | None = None,
+        customer_facts: CustomerFacts | None = None,
     ) -> None:
         self._store = store
+        self._customer_facts = customer_facts
         self._queue_facts = queue_facts
         self._rulebook = rulebook
         self._metrics = metrics
@@ -157,7 +161,9 @@ class Workers:
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(conversation_id=conv.id, event_id=event.id)
         try:
-            record = self._make_record(conv, event)
+            # Read before deciding, so the decision itself stays synchronous and pure.
+            customer = await self._customer_facts(conv) if self._customer_facts else None
+            record = self._make_record(conv, event, customer)
             try:
                 committed = await self._store.commit_decision(record, self._clock.now())
             except Conflict as exc:
@@ -185,7 +191,9 @@ class Workers:
         finally:
             structlog.contextvars.unbind_contextvars("conversation_id", "event_id")
 
-    def _make_record(self, conv: Conversation, event: Event) -> DecisionRecord:
+    def _make_record(
+        self, conv: Conversation, event: Event, customer: dict[str, Any] | None = None
+    ) -> DecisionRecord:
         rulebook = self._rulebook()
         if event.type == "timer.fired":
             ref = conv.timers.get(str(event.data.get("name")))
@@ -204,7 +212,7 @@ class Workers:
             # Shared state (the router's queues) enters only as derived facts, stored with
             # the decision, so build_facts stays pure and explain/backtest replay the same.
             queue = self._queue_facts(conv) if self._queue_facts is not None else None
-            facts = build_facts(conv, event, self._tz, queue)
+            facts = build_facts(conv, event, self._tz, queue, customer)
             if conv.state == "closed" and event.type in MESSAGES_AFTER_CLOSE:
                 fired = []  # the machine moves or drops it; rules see it where it lands
             else:

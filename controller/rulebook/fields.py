@@ -142,7 +142,7 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
     "conversation.attributes": "all attributes (test `conversation.attributes.NAME` instead)",
     "customer.id": "the customer's id",
     "customer.present": "the customer's page or app is connected",
-    "customer.known": "linked to a profile by the Customer API (not connected yet: `false`)",
+    "customer.known": "linked to a profile by the Customer API (created or identified there)",
     "customer.language": "the customer's language",
     "customer.profile": "the whole profile (test `customer.profile.NAME` instead)",
     "bot.name": "on bot events: the bot",
@@ -168,7 +168,7 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
 
 OPEN_PREFIX_DESCRIPTIONS: Mapping[str, str] = {
     "conversation.attributes.": "a conversation attribute, set with `set:`",
-    "customer.profile.": "a profile field from the Customer API (not connected yet: missing)",
+    "customer.profile.": "a Customer API profile field (`name`, `email`, `phone`, custom fields)",
     "bot.slots.": "on bot events: a slot the bot filled",
 }
 
@@ -181,8 +181,8 @@ EVENT_DESCRIPTIONS: Mapping[str, str] = {
     "customer.disconnected": "the customer's page or app lost its connection",
     "customer.returned": "the customer is connected again",
     "customer.left": "the customer left for good (no connector emits it yet)",
-    "customer.identified": "the customer was linked to a profile (no connector emits it yet)",
-    "customer.updated": "the customer's profile changed (no connector emits it yet)",
+    "customer.identified": "the Customer API identified the customer (`customer_id`)",
+    "customer.updated": "the Customer API changed the customer's profile (`customer_id`)",
     "customer.merged": "two customer profiles were merged (no connector emits it yet)",
     "bot.message": "the bot answered (`text`)",
     "bot.handoff": "the bot asks for a person",

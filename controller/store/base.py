@@ -10,7 +10,7 @@ the conversation inside the same transactions.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -317,6 +317,63 @@ class Store(abc.ABC):
     async def rules_version(self, version: str) -> RulesVersion | None:
         """One stored version with its files, for a rollback."""
 
+    # customers (Customer API) --------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_customer(
+        self,
+        profile: Mapping[str, Any],
+        identities: Sequence[Identity],
+        now: datetime,
+        idempotency: IdempotencyKey | None = None,
+    ) -> CustomerRecord | Replay:
+        """Create a known customer with its profile fields (``PROFILE_FIELDS`` and ``custom``)
+        and identities. Conflict if an identity or the external id is taken. With a key
+        already used: the original answer (Replay), or a 422 for another request."""
+
+    @abc.abstractmethod
+    async def customer(self, customer_id: str) -> CustomerRecord | None: ...
+
+    @abc.abstractmethod
+    async def update_customer(
+        self,
+        customer_id: str,
+        changes: Mapping[str, Any],
+        now: datetime,
+        *,
+        expected_version: int | None,
+    ) -> CustomerRecord:
+        """Partial update: given fields replace (None clears), ``custom`` merges (None removes
+        a key). A new email, phone or external id is also an identity and makes the customer
+        known. NotFound; PreconditionFailed when ``expected_version`` is not the stored one."""
+
+    @abc.abstractmethod
+    async def delete_customer(
+        self, customer_id: str, now: datetime, *, expected_version: int | None = None
+    ) -> int:
+        """Forget the profile and identities; the customer's conversations keep its id (a
+        tombstone row stays then). Returns the tombstone's version; NotFound if absent."""
+
+    @abc.abstractmethod
+    async def list_customers(self, query: CustomerQuery) -> tuple[list[CustomerRecord], str | None]:
+        """One page in id order, and the cursor of the next page (None at the end)."""
+
+    @abc.abstractmethod
+    async def lookup_customer(self, identity: Identity) -> CustomerRecord | None: ...
+
+    @abc.abstractmethod
+    async def attach_identity(
+        self,
+        customer_id: str,
+        identity: Identity,
+        now: datetime,
+        idempotency: IdempotencyKey | None = None,
+    ) -> CustomerRecord | Replay:
+        """Identify: add an identity (fills an empty email, phone or external id) and make the
+        customer known. Conflict if another customer holds it."""
+
+    @abc.abstractmethod
+    async def customer_open_conversations(self, customer_id: str) -> list[str]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class RulesVersion:
@@ -326,3 +383,85 @@ class RulesVersion:
     files: dict[str, str]
     loaded_at: datetime
     source: str  # "start", "watch", "api" or "rollback"
+
+
+# customers ---------------------------------------------------------------------------------
+PROFILE_FIELDS: tuple[str, ...] = ("name", "email", "phone", "language", "external_id")
+# profile fields that are identities too (the customer can be looked up by them)
+IDENTITY_FIELDS: dict[str, str] = {"email": "email", "phone": "phone", "external_id": "external"}
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """How a customer is recognised: ``kind`` (whatsapp, messenger, webchat, email, phone,
+    external) and a normalized ``value`` (E.164 phones, lowercase emails)."""
+
+    kind: str
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerRecord:
+    id: str
+    known: bool
+    profile: dict[str, Any]  # PROFILE_FIELDS, None when unset
+    custom: dict[str, Any]
+    identities: tuple[Identity, ...]
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+    def as_dict(self) -> dict[str, Any]:
+        """The API's JSON shape (also stored as the answer of an idempotent write)."""
+        return {
+            "id": self.id,
+            "known": self.known,
+            **self.profile,
+            "custom": dict(self.custom),
+            "identities": [{"kind": i.kind, "value": i.value} for i in self.identities],
+            "version": self.version,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerQuery:
+    limit: int = 50
+    cursor: str | None = None
+    known: bool | None = None
+    email: str | None = None
+    phone: str | None = None
+    external_id: str | None = None
+    name_prefix: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """An ``Idempotency-Key`` in its scope (principal and route) with the request's hash."""
+
+    scope: str
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The answer first given for an idempotency key."""
+
+    status: int
+    body: dict[str, Any]
+
+
+def channel_identity(channel: str, identity: str) -> Identity:
+    """The identity a channel's user id stands for (WhatsApp ``wa_id`` digits → E.164)."""
+    if channel == "whatsapp" and not identity.startswith("+"):
+        return Identity(channel, "+" + identity)
+    return Identity(channel, identity)

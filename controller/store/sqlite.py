@@ -13,7 +13,7 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
@@ -22,22 +22,30 @@ from typing import Any, TypeVar
 
 import structlog
 
-from controller.errors import Conflict, ConvctlError, NotFound
+from controller.errors import Conflict, ConvctlError, NotFound, PreconditionFailed, RequestError
 from controller.ids import new_id
 from controller.models import Conversation, Event, NewEvent
 from controller.store.base import (
+    IDENTITY_FIELDS,
+    PROFILE_FIELDS,
     Accepted,
     AgentRecord,
     Committed,
+    CustomerQuery,
+    CustomerRecord,
     DecisionRecord,
+    IdempotencyKey,
+    Identity,
     Message,
     OfferRecord,
     OutboxRow,
     QueuedConversation,
+    Replay,
     RouterSnapshot,
     RulesVersion,
     Store,
     TimerRow,
+    channel_identity,
 )
 
 log = structlog.get_logger(__name__)
@@ -781,6 +789,196 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
+    # customers ---------------------------------------------------------------------------
+    async def create_customer(
+        self,
+        profile: Mapping[str, Any],
+        identities: Sequence[Identity],
+        now: datetime,
+        idempotency: IdempotencyKey | None = None,
+    ) -> CustomerRecord | Replay:
+        def run(conn: sqlite3.Connection) -> CustomerRecord | Replay:
+            replay = _replay(conn, idempotency)
+            if replay is not None:
+                return replay
+            customer_id = new_id("cu")
+            fields = {f: profile.get(f) for f in PROFILE_FIELDS}
+            conn.execute(
+                "INSERT INTO customers (id, identity_key, created_at, updated_at, known, "
+                "custom, name, email, phone, language, external_id) "
+                "VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
+                (
+                    customer_id,
+                    f"customer:{customer_id}",  # no channel contact yet; unique placeholder
+                    _ts(now),
+                    _ts(now),
+                    json.dumps(dict(profile.get("custom") or {}), separators=(",", ":")),
+                    *fields.values(),
+                ),
+            )
+            wanted = [Identity(k, str(fields[f])) for f, k in IDENTITY_FIELDS.items() if fields[f]]
+            for ident in dict.fromkeys([*wanted, *identities]):
+                _add_identity(conn, customer_id, ident, now)
+            record = _customer(conn, customer_id)
+            assert record is not None
+            _remember(conn, idempotency, 201, record.as_dict(), now)
+            return record
+
+        return await self._write(run)
+
+    async def customer(self, customer_id: str) -> CustomerRecord | None:
+        return await self._read(lambda conn: _customer(conn, customer_id))
+
+    async def update_customer(
+        self,
+        customer_id: str,
+        changes: Mapping[str, Any],
+        now: datetime,
+        *,
+        expected_version: int | None,
+    ) -> CustomerRecord:
+        def run(conn: sqlite3.Connection) -> CustomerRecord:
+            current = _current(conn, customer_id, expected_version)
+            fields = {f: changes[f] for f in PROFILE_FIELDS if f in changes}
+            known = current.known
+            for field_name, kind in IDENTITY_FIELDS.items():
+                if field_name not in fields or fields[field_name] == current.profile[field_name]:
+                    continue
+                old, new = current.profile[field_name], fields[field_name]
+                if old is not None:
+                    conn.execute(
+                        "DELETE FROM identities WHERE kind = ? AND value = ? AND customer_id = ?",
+                        (kind, old, customer_id),
+                    )
+                if new is not None:
+                    _add_identity(conn, customer_id, Identity(kind, new), now)
+                    known = True
+            custom = dict(current.custom)
+            for key, value in (changes.get("custom") or {}).items():
+                if value is None:
+                    custom.pop(key, None)
+                else:
+                    custom[key] = value
+            assignments = "".join(f", {f} = ?" for f in fields)
+            conn.execute(
+                f"UPDATE customers SET version = version + 1, updated_at = ?, known = ?, "
+                f"custom = ?{assignments} WHERE id = ?",
+                (
+                    _ts(now),
+                    int(known),
+                    json.dumps(custom, separators=(",", ":")),
+                    *fields.values(),
+                    customer_id,
+                ),
+            )
+            record = _customer(conn, customer_id)
+            assert record is not None
+            return record
+
+        return await self._write(run)
+
+    async def delete_customer(
+        self, customer_id: str, now: datetime, *, expected_version: int | None = None
+    ) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            current = _current(conn, customer_id, expected_version)
+            conn.execute("DELETE FROM identities WHERE customer_id = ?", (customer_id,))
+            used = conn.execute(
+                "SELECT 1 FROM conversations WHERE customer_id = ? LIMIT 1", (customer_id,)
+            ).fetchone()
+            if used is None:
+                conn.execute("DELETE FROM customers WHERE id = ?", (customer_id,))
+            else:
+                # The conversations keep their customer id: a tombstone without personal
+                # fields, whose first-contact key is released (a new contact is a new customer).
+                conn.execute(
+                    "UPDATE customers SET identity_key = ?, name = NULL, email = NULL, "
+                    "phone = NULL, language = NULL, external_id = NULL, custom = '{}', "
+                    "known = 0, version = version + 1, updated_at = ?, deleted_at = ? "
+                    "WHERE id = ?",
+                    (f"deleted:{customer_id}", _ts(now), _ts(now), customer_id),
+                )
+            return current.version + 1
+
+        return await self._write(run)
+
+    async def list_customers(self, query: CustomerQuery) -> tuple[list[CustomerRecord], str | None]:
+        def run(conn: sqlite3.Connection) -> tuple[list[CustomerRecord], str | None]:
+            where: list[str] = ["deleted_at IS NULL"]
+            args: list[Any] = []
+            if query.cursor is not None:
+                where.append("id > ?")
+                args.append(query.cursor)
+            if query.known is not None:
+                where.append("known = ?")
+                args.append(int(query.known))
+            for column in ("email", "phone", "external_id"):
+                value = getattr(query, column)
+                if value is not None:
+                    where.append(f"{column} = ?")
+                    args.append(value)
+            if query.name_prefix:
+                where.append("name >= ? AND name < ?")
+                args += [query.name_prefix, query.name_prefix + "\U0010ffff"]
+            rows = conn.execute(
+                f"SELECT * FROM customers WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+                (*args, query.limit + 1),
+            ).fetchall()
+            records = [_customer_from_row(conn, r) for r in rows[: query.limit]]
+            more = len(rows) > query.limit
+            return records, records[-1].id if more and records else None
+
+        return await self._read(run)
+
+    async def lookup_customer(self, identity: Identity) -> CustomerRecord | None:
+        def run(conn: sqlite3.Connection) -> CustomerRecord | None:
+            row = conn.execute(
+                "SELECT customer_id FROM identities WHERE kind = ? AND value = ?",
+                (identity.kind, identity.value),
+            ).fetchone()
+            return _customer(conn, row[0]) if row else None
+
+        return await self._read(run)
+
+    async def attach_identity(
+        self,
+        customer_id: str,
+        identity: Identity,
+        now: datetime,
+        idempotency: IdempotencyKey | None = None,
+    ) -> CustomerRecord | Replay:
+        def run(conn: sqlite3.Connection) -> CustomerRecord | Replay:
+            replay = _replay(conn, idempotency)
+            if replay is not None:
+                return replay
+            current = _current(conn, customer_id, None)
+            added = _add_identity(conn, customer_id, identity, now)
+            field_name = next((f for f, k in IDENTITY_FIELDS.items() if k == identity.kind), None)
+            fill = field_name is not None and current.profile[field_name] is None
+            if added or fill or not current.known:
+                conn.execute(
+                    f"UPDATE customers SET known = 1, version = version + 1, updated_at = ?"
+                    f"{f', {field_name} = ?' if fill else ''} WHERE id = ?",
+                    (_ts(now), *([identity.value] if fill else []), customer_id),
+                )
+            record = _customer(conn, customer_id)
+            assert record is not None
+            _remember(conn, idempotency, 200, record.as_dict(), now)
+            return record
+
+        return await self._write(run)
+
+    async def customer_open_conversations(self, customer_id: str) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id FROM conversations WHERE customer_id = ? AND closed = 0 "
+                "ORDER BY created_at",
+                (customer_id,),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
 
 # transaction bodies (run on the writer thread) ---------------------------------------------
 def _load_conversation(conn: sqlite3.Connection, conversation_id: str) -> Conversation | None:
@@ -856,14 +1054,27 @@ def _insert_event(
 def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) -> str:
     assert ev.instance and ev.endpoint and ev.identity and ev.channel
     identity_key = f"{ev.instance}:{ev.endpoint}:{ev.identity}"
-    row = conn.execute(
-        "SELECT id FROM customers WHERE identity_key = ?", (identity_key,)
-    ).fetchone()
+    # The customer: by the first contact's key, else by the channel identity (a profile the
+    # Customer API made or identified, or the same user on another endpoint), else a new
+    # anonymous customer with that identity.
+    ident = channel_identity(ev.channel, ev.identity)
+    row = (
+        conn.execute("SELECT id FROM customers WHERE identity_key = ?", (identity_key,)).fetchone()
+        or conn.execute(
+            "SELECT customer_id FROM identities WHERE kind = ? AND value = ?",
+            (ident.kind, ident.value),
+        ).fetchone()
+    )
     if row is None:
         customer_id = new_id("cu")
         conn.execute(
-            "INSERT INTO customers (id, identity_key, created_at) VALUES (?, ?, ?)",
-            (customer_id, identity_key, _ts(now)),
+            "INSERT INTO customers (id, identity_key, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            (customer_id, identity_key, _ts(now), _ts(now)),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO identities (kind, value, customer_id, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (ident.kind, ident.value, customer_id, _ts(now)),
         )
     else:
         customer_id = row[0]
@@ -1039,6 +1250,106 @@ def _offer_from_row(row: sqlite3.Row) -> OfferRecord:
         created_at=_dt(row["created_at"]),
         expires_at=_dt(row["expires_at"]),
     )
+
+
+def _customer_from_row(conn: sqlite3.Connection, row: sqlite3.Row) -> CustomerRecord:
+    idents = conn.execute(
+        "SELECT kind, value FROM identities WHERE customer_id = ? ORDER BY created_at, kind, value",
+        (row["id"],),
+    ).fetchall()
+    return CustomerRecord(
+        id=row["id"],
+        known=bool(row["known"]),
+        profile={f: row[f] for f in PROFILE_FIELDS},
+        custom=json.loads(row["custom"]),
+        identities=tuple(Identity(r[0], r[1]) for r in idents),
+        version=row["version"],
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"] if row["updated_at"] is not None else row["created_at"]),
+    )
+
+
+def _customer(conn: sqlite3.Connection, customer_id: str) -> CustomerRecord | None:
+    row = conn.execute(
+        "SELECT * FROM customers WHERE id = ? AND deleted_at IS NULL", (customer_id,)
+    ).fetchone()
+    return _customer_from_row(conn, row) if row else None
+
+
+def _current(
+    conn: sqlite3.Connection, customer_id: str, expected_version: int | None
+) -> CustomerRecord:
+    record = _customer(conn, customer_id)
+    if record is None:
+        raise NotFound(f"unknown customer {customer_id!r}", code="unknown_customer")
+    if expected_version is not None and record.version != expected_version:
+        raise PreconditionFailed(
+            f"customer {customer_id!r} is at version {record.version}, not {expected_version}"
+        )
+    return record
+
+
+def _add_identity(
+    conn: sqlite3.Connection, customer_id: str, identity: Identity, now: datetime
+) -> bool:
+    """Give the customer an identity; False if it had it already, Conflict if another has."""
+    row = conn.execute(
+        "SELECT customer_id FROM identities WHERE kind = ? AND value = ?",
+        (identity.kind, identity.value),
+    ).fetchone()
+    if row is not None:
+        if row[0] != customer_id:
+            raise Conflict(
+                f"identity {identity} belongs to another customer", code="identity_taken"
+            )
+        return False
+    if identity.kind == "external":
+        taken = conn.execute(
+            "SELECT 1 FROM customers WHERE external_id = ? AND id <> ?",
+            (identity.value, customer_id),
+        ).fetchone()
+        if taken:
+            raise Conflict(
+                f"external id {identity.value!r} belongs to another customer",
+                code="identity_taken",
+            )
+    conn.execute(
+        "INSERT INTO identities (kind, value, customer_id, created_at) VALUES (?, ?, ?, ?)",
+        (identity.kind, identity.value, customer_id, _ts(now)),
+    )
+    return True
+
+
+def _replay(conn: sqlite3.Connection, key: IdempotencyKey | None) -> Replay | None:
+    if key is None:
+        return None
+    row = conn.execute(
+        "SELECT request_hash, status, response FROM idempotency_keys WHERE scope = ? AND key = ?",
+        (key.scope, key.key),
+    ).fetchone()
+    if row is None:
+        return None
+    if row[0] != key.request_hash:
+        raise RequestError(
+            "this idempotency key was used with a different request",
+            code="idempotency_key_reused",
+            status=422,
+        )
+    return Replay(row[1], json.loads(row[2]))
+
+
+def _remember(
+    conn: sqlite3.Connection,
+    key: IdempotencyKey | None,
+    status: int,
+    body: dict[str, Any],
+    now: datetime,
+) -> None:
+    if key is not None:
+        conn.execute(
+            "INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?)",
+            (key.scope, key.key, key.request_hash, status, json.dumps(body), _ts(now)),
+        )
 
 
 __all__ = ["SqliteStore"]

@@ -1,0 +1,385 @@
+"""What Meta's channels share (WhatsApp Cloud API, Messenger): the app settings, the signed
+webhook (GET handshake, ``X-Hub-Signature-256`` over the raw body, size limit), one inbox
+submit per delivery, Graph API calls and the Graph error → ChannelSendError mapping.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
+
+import aiohttp
+import structlog
+from aiohttp import web
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from connectors.base import Channel, ConnectorSettings
+from controller.errors import ChannelSendError, Conflict, Forbidden, RequestError, WebhookAuthError
+from controller.models import NewEvent
+from controller.settings import is_placeholder
+
+log = structlog.get_logger(__name__)
+
+ItemT = TypeVar("ItemT")
+
+
+# settings ---------------------------------------------------------------------------------
+def _real_token(value: str) -> str:
+    if is_placeholder(value):
+        raise ValueError("access_token is missing or a placeholder")
+    return value
+
+
+# A business endpoint's token: never shown in reprs, placeholders refused.
+AccessToken = Annotated[str, Field(repr=False), AfterValidator(_real_token)]
+
+
+class MetaAppSettings(ConnectorSettings):
+    """One Meta app: its Graph API, its secrets and the webhook limits."""
+
+    graph_base_url: str = Field("https://graph.facebook.com", pattern=r"^https?://[^\s/]+")
+    graph_api_version: str = Field("v21.0", pattern=r"^v[0-9]+\.[0-9]+$")
+    app_secret: str = Field(repr=False)
+    verify_token: str = Field(repr=False)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    http_timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("graph_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _real_secrets(self) -> MetaAppSettings:
+        # Refused in every profile: a guessable app secret lets anyone forge customer messages.
+        bad = [f for f in ("app_secret", "verify_token") if is_placeholder(getattr(self, f))]
+        if bad:
+            raise ValueError(f"missing or placeholder secrets: {', '.join(bad)}")
+        return self
+
+    @property
+    def graph_url(self) -> str:
+        return f"{self.graph_base_url}/{self.graph_api_version}"
+
+
+def ensure_unique(ids: Iterable[str], what: str) -> None:
+    """Refuse a business endpoint listed twice."""
+    listed = list(ids)
+    if len(listed) != len(set(listed)):
+        raise ValueError(f"a {what} is listed twice")
+
+
+# provider payloads ------------------------------------------------------------------------
+class Payload(BaseModel):
+    """Base of Meta payload models: unknown fields are tolerated (Meta adds them freely)."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+
+class _GraphError(Payload):
+    code: int | None = None
+    error_subcode: int | None = None
+    message: str | None = None
+    error_data: dict[str, Any] | None = None
+
+
+class _GraphErrorBody(Payload):
+    error: _GraphError
+
+
+class _Delivery(Payload):
+    object: str
+    entry: list[dict[str, Any]]
+
+
+def clean(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys whose value is None."""
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def body_error(exc: ValidationError) -> RequestError:
+    """A 400 that says which fields of a webhook body are wrong (at most five)."""
+    details = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
+    )
+    return RequestError(f"invalid webhook body: {details}", code="invalid_body")
+
+
+# Graph errors -----------------------------------------------------------------------------
+# A code matches by itself, a (code, subcode) pair only with that subcode.
+Codes = frozenset[int | tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class GraphCodes:
+    """A channel's Graph error codes per failure reason (its protocol sheet, section 5)."""
+
+    window_closed: Codes
+    invalid_recipient: Codes
+    rate_limited: Codes
+    transient: Codes
+
+
+def _hit(codes: Codes, code: int | None, subcode: int | None) -> bool:
+    if code is None:
+        return False
+    return code in codes or (subcode is not None and (code, subcode) in codes)
+
+
+def send_error(status: int, data: Any, codes: GraphCodes) -> ChannelSendError:
+    """Map a Graph error answer: the error code is authoritative, the HTTP status a hint."""
+    error: _GraphError | None = None
+    if isinstance(data, dict):
+        try:
+            error = _GraphErrorBody.model_validate(data).error
+        except ValidationError:
+            error = None
+    code = error.code if error else None
+    sub = error.error_subcode if error else None
+    details = (error.error_data or {}).get("details") if error and error.error_data else None
+    text = (error.message or "") if error else ""
+    if code is not None and not text.startswith(f"(#{code})"):
+        text = f"(#{code}) {text}".strip()
+    described = f"HTTP {status} {text}" + (f" [{details}]" if details else "")
+    if sub is not None:
+        described += f" [subcode {sub}]"
+    if _hit(codes.window_closed, code, sub):
+        return ChannelSendError(f"window_closed: {described}", retryable=False)
+    if _hit(codes.invalid_recipient, code, sub):
+        return ChannelSendError(f"invalid_recipient: {described}", retryable=False)
+    if status == 429 or _hit(codes.rate_limited, code, sub):
+        return ChannelSendError(f"rate_limited: {described}", retryable=True)
+    if status >= 500 or _hit(codes.transient, code, sub):
+        return ChannelSendError(f"provider_error: {described}", retryable=True)
+    return ChannelSendError(f"provider_error: {described}", retryable=False)
+
+
+# outbound helpers -------------------------------------------------------------------------
+def buttons_of(raw: Any) -> list[tuple[str, str]]:
+    """Buttons an outbound message carries: ``["Yes", …]`` or ``[{"id", "title"}, …]``."""
+    if not isinstance(raw, list):
+        return []
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, str) and item:
+            out.append((f"b{i}", item))
+        elif isinstance(item, dict) and item.get("title"):
+            out.append((str(item.get("id") or f"b{i}"), str(item["title"])))
+    return out
+
+
+def fit_buttons(
+    text: str, buttons: list[tuple[str, str]], most: int, title_max: int
+) -> tuple[str, bool]:
+    """(text, use the buttons): buttons that do not fit degrade to numbered lines of text."""
+    if not buttons:
+        return text, False
+    fits = len(buttons) <= most and all(len(title) <= title_max for _, title in buttons)
+    if text and fits:
+        return text, True
+    lines = [f"{i}. {title}" for i, (_, title) in enumerate(buttons, 1)]
+    return ("\n".join([text, *lines]) if text else "\n".join(lines)), False
+
+
+def unknown_endpoint(what: str, value: str) -> ChannelSendError:
+    """The conversation's business endpoint is not (any more) in the settings."""
+    return ChannelSendError(f"provider_error: unknown {what} {value!r}", retryable=False)
+
+
+# the channel base -------------------------------------------------------------------------
+class MetaChannel(Channel, Generic[ItemT]):
+    """A channel fed by a Meta app webhook and answering through the Graph API.
+
+    Subclasses parse the envelope into items and map items to events; the base verifies,
+    limits, submits (once per delivery, in order) and calls Graph.
+    """
+
+    channel: ClassVar[str]
+    webhook_object: ClassVar[str]  # the ``object`` of the deliveries this channel serves
+    graph_codes: ClassVar[GraphCodes]
+    capabilities: ClassVar[frozenset[str]] = frozenset({"text", "buttons"})
+    settings: MetaAppSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._source = f"{self.channel}:{self.name}"
+
+    def routes(self) -> list[web.RouteDef]:
+        path = f"/webhooks/{self.name}"
+        return [web.get(path, self._verify_handler), web.post(path, self._webhook_handler)]
+
+    @abc.abstractmethod
+    def _items(self, entries: list[dict[str, Any]]) -> list[ItemT]:
+        """The delivery's items, in order; raises ValidationError for a wrong shape."""
+
+    def _parse(self, data: Any) -> list[ItemT] | None:
+        """The items of a delivery; None for an ``object`` this channel does not serve."""
+        delivery = _Delivery.model_validate(data)
+        if delivery.object != self.webhook_object:
+            log.info(
+                f"{self.channel}_other_object_ignored", instance=self.name, object=delivery.object
+            )
+            return None
+        return self._items(delivery.entry)
+
+    @abc.abstractmethod
+    async def _events(self, items: Sequence[ItemT]) -> list[NewEvent]:
+        """Map the items to events (looking up open conversations where needed)."""
+
+    # inbound ---------------------------------------------------------------------------
+    async def _verify_handler(self, request: web.Request) -> web.Response:
+        """Meta's subscription handshake: echo ``hub.challenge`` if the verify token matches."""
+        q = request.query
+        token = q.get("hub.verify_token", "")
+        challenge = q.get("hub.challenge", "")
+        ok = hmac.compare_digest(token.encode(), self.settings.verify_token.encode())
+        if q.get("hub.mode") != "subscribe" or not ok or not challenge or len(challenge) > 256:
+            log.warning(f"{self.channel}_verify_refused", instance=self.name)
+            raise Forbidden("webhook verification failed", code="verification_failed")
+        return web.Response(text=challenge, content_type="text/plain")
+
+    async def _webhook_handler(self, request: web.Request) -> web.Response:
+        """Verify the signature over the raw body, map every item, store all in one submit.
+
+        The 200 goes out only after the commit, so an answered delivery is never lost; a
+        redelivery is deduplicated by the items' dedupe keys.
+        """
+        raw = await self._read_body(request)
+        self._check_signature(request, raw)
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RequestError(f"malformed JSON: {exc}", code="malformed_json") from exc
+        try:
+            items = self._parse(data)
+        except ValidationError as exc:
+            raise body_error(exc) from exc
+        if items is None:
+            return web.json_response({"ok": True, "events": 0})
+        stored = await self._store(items)
+        return web.json_response({"ok": True, "events": stored})
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The exact bytes received, refused past the instance's size limit (413)."""
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise RequestError("request body too large", code="too_large", status=413)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise RequestError("request body too large", code="too_large", status=413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _check_signature(self, request: web.Request, raw: bytes) -> None:
+        header = request.headers.get("X-Hub-Signature-256", "")
+        if not header:
+            log.warning(
+                f"{self.channel}_signature_missing", instance=self.name, remote=request.remote
+            )
+            raise WebhookAuthError("missing X-Hub-Signature-256", code="missing_signature")
+        expected = hmac.new(self.settings.app_secret.encode(), raw, hashlib.sha256).hexdigest()
+        scheme, _, given = header.partition("=")
+        if scheme != "sha256" or not hmac.compare_digest(given.encode(), expected.encode()):
+            log.warning(
+                f"{self.channel}_signature_invalid", instance=self.name, remote=request.remote
+            )
+            raise Forbidden("invalid X-Hub-Signature-256", code="bad_signature")
+
+    async def _store(self, items: Sequence[ItemT]) -> int:
+        """Submit every event of the delivery, in order, as one inbox submit.
+
+        A status attaches to the identity's open conversation, found before the submit; if
+        that conversation closes in between, the submit is refused and tried again (every
+        item is deduplicated, so trying again adds nothing twice).
+        """
+        for attempt in range(3):
+            events = await self._events(items)
+            if not events:
+                return 0
+            try:
+                accepted = await self.context.submit(events)
+            except Conflict as exc:
+                if exc.code != "conversation_closed" or attempt == 2:
+                    raise
+                log.info(f"{self.channel}_status_conversation_closed_retry", instance=self.name)
+                continue
+            return sum(1 for a in accepted if not a.duplicate)
+        return 0  # pragma: no cover - the loop returns or raises
+
+    def _customer_message(
+        self, dedupe_key: str, endpoint: str, identity: str, data: dict[str, Any]
+    ) -> NewEvent:
+        return NewEvent(
+            type="customer.message",
+            source=self._source,
+            dedupe_key=dedupe_key,
+            channel=self.channel,
+            instance=self.name,
+            endpoint=endpoint,
+            identity=identity,
+            data=clean(data),
+        )
+
+    def _delivery_status(
+        self, dedupe_key: str, conversation_id: str, data: dict[str, Any]
+    ) -> NewEvent:
+        return NewEvent(
+            type="delivery.status",
+            source=self._source,
+            dedupe_key=dedupe_key,
+            conversation_id=conversation_id,
+            data=clean(data),
+        )
+
+    async def _open_conversation(self, endpoint: str, identity: str) -> str | None:
+        snapshot = await self.context.service["history"](self.name, endpoint, identity)
+        return str(snapshot["conversation_id"]) if snapshot.get("open") else None
+
+    # outbound --------------------------------------------------------------------------
+    async def _graph_call(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+        json_body: dict[str, Any] | None = None,
+    ) -> Any:
+        """One Graph API call; errors mapped to ChannelSendError (query secrets redacted)."""
+        http = self.context.http
+        if http is None or http.closed:  # not started yet, or shutting down: try later
+            raise ChannelSendError("provider_error: the service is not running", retryable=True)
+        timeout = aiohttp.ClientTimeout(total=self.settings.http_timeout_s)
+        try:
+            async with http.request(
+                method, url, json=json_body, headers=headers, params=params, timeout=timeout
+            ) as resp:
+                status, raw = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            text = f"provider_error: {type(exc).__name__}: {exc}"
+            for secret in (params or {}).values():
+                text = text.replace(secret, "[redacted]") if secret else text
+            raise ChannelSendError(text, retryable=True) from exc
+        try:
+            data = json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if 200 <= status < 300:
+            return data
+        raise send_error(status, data, self.graph_codes)

@@ -1,0 +1,290 @@
+"""The Customer API: profiles, identities, lookup by identity, under ``/api/v1/customers``.
+
+``admin`` and ``crm`` tokens manage customers, ``agent`` tokens read them. Updates need
+``If-Match`` with the ETag (the version): a stale one is a 412, none a 428. POSTs take an
+``Idempotency-Key`` (scoped by principal and route, stored with the request's hash in the
+write's own transaction): a replay gets the original answer, another body with it a 422.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import StringConstraints as Str
+
+from controller.api.common import Principal, authenticate, read_json
+from controller.customers import normalize_email, normalize_identity, normalize_phone
+from controller.customers import parse_identity as parse_identity_text
+from controller.errors import NotFound, RequestError
+from controller.keys import CLOCK, CUSTOMERS, INBOX, SETTINGS, STORE
+from controller.models import NewEvent
+from controller.store.base import (
+    CustomerQuery,
+    CustomerRecord,
+    IdempotencyKey,
+    Identity,
+    Replay,
+)
+
+log = structlog.get_logger(__name__)
+
+WRITERS = ("admin", "crm")
+READERS = ("admin", "crm", "agent")
+
+CustomKey = Annotated[str, Str(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+CustomValue = StrictBool | StrictInt | StrictFloat | Annotated[str, Str(max_length=1000)]
+Language = Annotated[str, Str(pattern=r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")]
+Kind = Literal["whatsapp", "messenger", "webchat", "email", "phone", "external"]
+
+
+class IdentityBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Kind
+    value: str = Field(min_length=1, max_length=200)
+
+
+class CreateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=200)
+    email: str | None = Field(None, max_length=254)
+    phone: str | None = Field(None, max_length=40)
+    language: Language | None = None
+    external_id: str | None = Field(None, min_length=1, max_length=200)
+    custom: dict[CustomKey, CustomValue] = Field(default_factory=dict, max_length=100)
+    identities: list[IdentityBody] = Field(default_factory=list, max_length=20)
+
+
+class PatchBody(BaseModel):
+    """Given fields replace (null clears); ``custom`` merges key by key (null removes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=200)
+    email: str | None = Field(None, max_length=254)
+    phone: str | None = Field(None, max_length=40)
+    language: Language | None = None
+    external_id: str | None = Field(None, min_length=1, max_length=200)
+    custom: dict[CustomKey, CustomValue | None] = Field(default_factory=dict, max_length=100)
+
+
+def _region(request: web.Request) -> str | None:
+    return request.app[SETTINGS].default_phone_region
+
+
+def _profile(request: web.Request, body: CreateBody | PatchBody) -> dict[str, Any]:
+    """The given fields, normalized (only those the client sent, for a PATCH)."""
+    given = body.model_fields_set - {"identities"}
+    fields: dict[str, Any] = {name: getattr(body, name) for name in given}
+    if fields.get("email") is not None:
+        fields["email"] = normalize_email(fields["email"])
+    if fields.get("phone") is not None:
+        fields["phone"] = normalize_phone(fields["phone"], _region(request))
+    if fields.get("external_id") is not None:
+        fields["external_id"] = fields["external_id"].strip()
+    return fields
+
+
+def _respond(record: CustomerRecord, status: int = 200) -> web.Response:
+    return web.json_response(record.as_dict(), status=status, headers={"ETag": record.etag})
+
+
+def _replayed(replay: Replay) -> web.Response:
+    return web.json_response(
+        replay.body,
+        status=replay.status,
+        headers={"ETag": f'"{replay.body["version"]}"', "Idempotent-Replayed": "true"},
+    )
+
+
+def _idempotency(
+    request: web.Request, principal: Principal, payload: dict[str, Any]
+) -> IdempotencyKey | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 200:
+        raise RequestError(
+            "Idempotency-Key must be 1 to 200 characters", code="bad_idempotency_key"
+        )
+    resource = request.match_info.route.resource
+    route = f"{request.method} {resource.canonical if resource else request.path}"
+    digest = hashlib.sha256(
+        json.dumps({"path": dict(request.match_info), "body": payload}, sort_keys=True).encode()
+    ).hexdigest()[:32]
+    return IdempotencyKey(f"{principal.role}:{principal.subject} {route}", key, digest)
+
+
+def _if_match(request: web.Request, *, required: bool) -> int | None:
+    """The version an ``If-Match`` names (None for ``*`` or, when optional, no header)."""
+    header = request.headers.get("If-Match")
+    if header is None:
+        if required:
+            raise RequestError(
+                "send If-Match with the customer's ETag", code="precondition_required", status=428
+            )
+        return None
+    tag = header.strip()
+    if tag == "*":
+        return None
+    tag = tag.removeprefix("W/").strip('"')
+    return int(tag) if tag.isdigit() else -1  # a malformed tag matches no version: 412
+
+
+def _customer_id(request: web.Request) -> str:
+    return request.match_info["customer_id"]
+
+
+async def create(request: web.Request) -> web.Response:
+    principal = await authenticate(request, *WRITERS)
+    body = await read_json(request, CreateBody)
+    region = _region(request)
+    identities = [normalize_identity(i.kind, i.value, region) for i in body.identities]
+    key = _idempotency(request, principal, body.model_dump(mode="json"))
+    result = await request.app[STORE].create_customer(
+        _profile(request, body), identities, request.app[CLOCK].now(), key
+    )
+    if isinstance(result, Replay):
+        return _replayed(result)
+    request.app[CUSTOMERS].written(result)
+    log.info("customer_created", customer_id=result.id)
+    response = _respond(result, 201)
+    response.headers["Location"] = f"/api/v1/customers/{result.id}"
+    return response
+
+
+async def get_one(request: web.Request) -> web.Response:
+    await authenticate(request, *READERS)
+    record = await request.app[STORE].customer(_customer_id(request))
+    if record is None:
+        raise NotFound(f"unknown customer {_customer_id(request)!r}", code="unknown_customer")
+    return _respond(record)
+
+
+async def patch(request: web.Request) -> web.Response:
+    await authenticate(request, *WRITERS)
+    expected = _if_match(request, required=True)
+    body = await read_json(request, PatchBody)
+    before = await request.app[STORE].customer(_customer_id(request))
+    record = await request.app[STORE].update_customer(
+        _customer_id(request),
+        _profile(request, body),
+        request.app[CLOCK].now(),
+        expected_version=expected,
+    )
+    request.app[CUSTOMERS].written(record)
+    identified = before is not None and not before.known and record.known
+    kind = "customer.identified" if identified else "customer.updated"
+    await _announce(request.app, record, kind)
+    return _respond(record)
+
+
+async def delete(request: web.Request) -> web.Response:
+    await authenticate(request, *WRITERS)
+    customer_id = _customer_id(request)
+    version = await request.app[STORE].delete_customer(
+        customer_id, request.app[CLOCK].now(), expected_version=_if_match(request, required=False)
+    )
+    request.app[CUSTOMERS].deleted(customer_id, version)
+    log.info("customer_deleted", customer_id=customer_id)
+    return web.Response(status=204)
+
+
+def _bool(name: str, value: str | None) -> bool | None:
+    if value is None:
+        return None
+    if value in ("true", "false"):
+        return value == "true"
+    raise RequestError(f"{name} must be true or false", code="invalid_query", status=422)
+
+
+async def list_all(request: web.Request) -> web.Response:
+    await authenticate(request, *READERS)
+    q = request.query
+    try:
+        limit = int(q.get("limit", "50"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 200:
+        raise RequestError("limit must be 1 to 200", code="invalid_query", status=422)
+    email, phone = q.get("email"), q.get("phone")
+    if phone is not None:
+        phone = normalize_identity("phone", phone, _region(request)).value
+    query = CustomerQuery(
+        limit=limit,
+        cursor=q.get("cursor") or None,
+        known=_bool("known", q.get("known")),
+        email=normalize_email(email) if email is not None else None,
+        phone=phone,
+        external_id=q.get("external_id"),
+        name_prefix=q.get("name") or None,
+    )
+    records, cursor = await request.app[STORE].list_customers(query)
+    return web.json_response({"customers": [r.as_dict() for r in records], "next_cursor": cursor})
+
+
+async def lookup(request: web.Request) -> web.Response:
+    await authenticate(request, *READERS)
+    text = request.query.get("identity")
+    if text is None:
+        raise RequestError("give ?identity=KIND:VALUE", code="invalid_query", status=422)
+    identity = parse_identity_text(text, _region(request))
+    record = await request.app[STORE].lookup_customer(identity)
+    if record is None:
+        raise NotFound(f"no customer with identity {identity}", code="unknown_identity")
+    return _respond(record)
+
+
+async def attach_identity(request: web.Request) -> web.Response:
+    principal = await authenticate(request, *WRITERS)
+    body = await read_json(request, IdentityBody)
+    identity: Identity = normalize_identity(body.kind, body.value, _region(request))
+    key = _idempotency(request, principal, body.model_dump(mode="json"))
+    store = request.app[STORE]
+    before = await store.customer(_customer_id(request))
+    result = await store.attach_identity(
+        _customer_id(request), identity, request.app[CLOCK].now(), key
+    )
+    if isinstance(result, Replay):
+        return _replayed(result)
+    request.app[CUSTOMERS].written(result)
+    log.info("customer_identified", customer_id=result.id, kind=identity.kind)
+    if before is None or before.version != result.version:
+        await _announce(request.app, result, "customer.identified")
+    return _respond(result)
+
+
+async def _announce(app: web.Application, record: CustomerRecord, kind: str) -> None:
+    """Tell the customer's open conversations (their rules may react at once).
+
+    After the commit, with a dedupe key per customer version: not atomic with the write (a
+    crash in between loses the event; the next event of the conversation still sees the
+    profile, since facts are read at decide time).
+    """
+    for conversation_id in await app[STORE].customer_open_conversations(record.id):
+        event = NewEvent(
+            type=kind,  # type: ignore[arg-type]
+            source="customers",
+            dedupe_key=f"{record.id}:v{record.version}:{kind}:{conversation_id}",
+            conversation_id=conversation_id,
+            data={"customer_id": record.id, "known": record.known},
+        )
+        try:
+            await app[INBOX].submit([event])
+        except RequestError as exc:  # the conversation closed meanwhile
+            log.info("customer_event_not_stored", kind=kind, refused=exc.code)
+
+
+def routes() -> list[web.RouteDef]:
+    return [
+        web.post("/api/v1/customers", create),
+        web.get("/api/v1/customers", list_all),
+        web.get("/api/v1/customers/lookup", lookup),
+        web.get("/api/v1/customers/{customer_id}", get_one),
+        web.patch("/api/v1/customers/{customer_id}", patch),
+        web.delete("/api/v1/customers/{customer_id}", delete),
+        web.post("/api/v1/customers/{customer_id}/identities", attach_identity),
+    ]
