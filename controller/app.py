@@ -307,25 +307,38 @@ async def _channel_failed(app: web.Application, row: OutboxRow, error: str) -> N
     detail = error.partition(": ")[2]  # "ChannelSendError: window_closed: ..."
     reason = next((r for r in CHANNEL_FAILURES if detail.startswith(r)), "provider_error")
     message = row.payload.get("message") or {}
+    await _dead_letter_event(
+        app,
+        row,
+        "delivery.failed",
+        f"channel:{instance}",
+        {
+            "reason": reason,
+            "instance": instance,
+            "message_id": message.get("id"),
+            "error": error[:500],
+        },
+    )
+
+
+async def _dead_letter_event(
+    app: web.Application, row: OutboxRow, kind: str, source: str, data: dict[str, Any]
+) -> None:
+    """Store the event that tells the rules a row became a dead letter (once per row)."""
     try:
         await app[INBOX].submit(
             [
                 NewEvent(
-                    type="delivery.failed",
-                    source=f"channel:{instance}",
+                    type=kind,  # type: ignore[arg-type]
+                    source=source,
                     dedupe_key=f"{row.idempotency_key}:failed",
                     conversation_id=row.conversation_id,
-                    data={
-                        "reason": reason,
-                        "instance": instance,
-                        "message_id": message.get("id"),
-                        "error": error[:500],
-                    },
+                    data=data,
                 )
             ]
         )
     except RequestError as exc:  # e.g. the conversation closed meanwhile
-        log.info("delivery_failed_not_stored", reason=reason, refused=exc.code)
+        log.info("dead_letter_event_not_stored", kind=kind, refused=exc.code)
 
 
 async def _deliver_bot(app: web.Application, row: OutboxRow) -> None:
@@ -380,20 +393,12 @@ async def _deliver_bot(app: web.Application, row: OutboxRow) -> None:
 
 async def _bot_failed(app: web.Application, row: OutboxRow, error: str) -> None:
     name = row.destination.split(":", 1)[1]
-    await app[INBOX].submit(
-        [
-            NewEvent(
-                type="bot.failed",
-                source=f"bot:{name}",
-                dedupe_key=f"{row.idempotency_key}:failed",
-                conversation_id=row.conversation_id,
-                data={
-                    "bot": name,
-                    "reason": error[:500],
-                    "reply_to_seq": row.payload.get("reply_to_seq"),
-                },
-            )
-        ]
+    await _dead_letter_event(
+        app,
+        row,
+        "bot.failed",
+        f"bot:{name}",
+        {"bot": name, "reason": error[:500], "reply_to_seq": row.payload.get("reply_to_seq")},
     )
 
 
