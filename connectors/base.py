@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
@@ -42,6 +43,7 @@ class ConnectorContext:
     allowed_origins: list[str]
     service: dict[str, Any] = field(default_factory=dict)
     http: aiohttp.ClientSession | None = None  # opened when the service starts
+    data_dir: Path | None = None  # the service's data directory (files connectors keep)
 
 
 @dataclass(frozen=True)

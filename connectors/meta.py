@@ -139,6 +139,15 @@ def _hit(codes: Codes, code: int | None, subcode: int | None) -> bool:
     return code in codes or (subcode is not None and (code, subcode) in codes)
 
 
+def final_failure(codes: GraphCodes, code: int | None, subcode: int | None = None) -> str | None:
+    """``window_closed`` / ``invalid_recipient`` when an error code means one; else None."""
+    if _hit(codes.window_closed, code, subcode):
+        return "window_closed"
+    if _hit(codes.invalid_recipient, code, subcode):
+        return "invalid_recipient"
+    return None
+
+
 def send_error(status: int, data: Any, codes: GraphCodes) -> ChannelSendError:
     """Map a Graph error answer: the error code is authoritative, the HTTP status a hint."""
     error: _GraphError | None = None
@@ -319,8 +328,13 @@ class MetaChannel(Channel, Generic[ItemT]):
                     raise
                 log.info(f"{self.channel}_status_conversation_closed_retry", instance=self.name)
                 continue
+            self._after_commit(events)
             return sum(1 for a in accepted if not a.duplicate)
         return 0  # pragma: no cover - the loop returns or raises
+
+    def _after_commit(self, events: Sequence[NewEvent]) -> None:
+        """Called once a delivery's events are committed (duplicates included), before the
+        200: start background work here, never wait on it."""
 
     def _customer_message(
         self, dedupe_key: str, endpoint: str, identity: str, data: dict[str, Any]

@@ -9,7 +9,15 @@ out through the number (and token) the conversation runs on. Wire facts:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Coroutine, Sequence
+from datetime import timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 import aiohttp
@@ -25,10 +33,12 @@ from connectors.meta import (
     Payload,
     buttons_of,
     ensure_unique,
+    final_failure,
     fit_buttons,
     unknown_endpoint,
 )
-from controller.errors import ConnectorError
+from controller.errors import ChannelSendError, ConnectorError
+from controller.metrics import Metrics
 from controller.models import NewEvent
 
 log = structlog.get_logger(__name__)
@@ -44,6 +54,10 @@ GRAPH_CODES = GraphCodes(
 )
 MAX_BUTTONS = 3
 MAX_BUTTON_TITLE = 20
+# Free-form messages only within 24 h of the customer's last message (sheet §4).
+SERVICE_WINDOW = timedelta(hours=24)
+MEDIA_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+MEDIA_DOWNLOADS_AT_ONCE = 4
 
 
 # settings ---------------------------------------------------------------------------------
@@ -65,6 +79,12 @@ class WhatsAppSettings(MetaAppSettings):
     media_allowed_types: list[str] = Field(
         default_factory=lambda: ["image/", "audio/", "video/", "application/pdf", "text/plain"]
     )
+    # Download inbound media into <data_dir>/media after the commit (in the background).
+    media_download: bool = True
+    # Send a read receipt for each delivery's latest message per customer, after the commit.
+    mark_read: bool = True
+    # With the read receipt, show a typing indicator (the sheet marks it unverified).
+    typing_indicator: bool = False
 
     @model_validator(mode="after")
     def _unique_endpoints(self) -> WhatsAppSettings:
@@ -204,6 +224,24 @@ class _SendResponse(_Payload):
     messages: list[_SentMessage] = Field(default_factory=list)
 
 
+class OutboundTemplate(BaseModel):
+    """``message["template"]`` of an outbound message: a pre-approved WhatsApp template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=512)
+    language: str = Field(min_length=2, max_length=15)
+    # Body parameters, in order ({{1}}, {{2}}, …), sent as text parameters.
+    parameters: list[str | int | float] = Field(default_factory=list)
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "language": {"code": self.language}}
+        if self.parameters:
+            params = [{"type": "text", "text": str(p)} for p in self.parameters]
+            out["components"] = [{"type": "body", "parameters": params}]
+        return out
+
+
 class _MediaInfo(_Payload):
     url: str
     mime_type: str | None = None
@@ -221,6 +259,25 @@ class WhatsAppChannel(MetaChannel[_Value]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._endpoints = {e.phone_number_id: e for e in self.settings.endpoints}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._media_slots = asyncio.Semaphore(MEDIA_DOWNLOADS_AT_ONCE)
+        # Outcomes of background work: media downloaded / failed / refused, reads sent / failed.
+        self.stats: Counter[str] = Counter()
+
+    async def stop(self) -> None:
+        """Give background work (reads, media) a moment, then cancel what is left."""
+        tasks = list(self._tasks)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=5.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Wait until no background work is running (tests, benchmarks)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # inbound ---------------------------------------------------------------------------
     def _items(self, entries: list[dict[str, Any]]) -> list[_Value]:
@@ -269,7 +326,7 @@ class WhatsAppChannel(MetaChannel[_Value]):
                         status=status.status,
                     )
                     continue
-                events.append(self._status_event(endpoint, conversation_id, status))
+                events.extend(self._status_events(endpoint, conversation_id, status))
         return events
 
     def _message_event(
@@ -339,6 +396,32 @@ class WhatsAppChannel(MetaChannel[_Value]):
             return {"error_code": msg.errors[0].code, "error_title": msg.errors[0].title}
         return {}
 
+    def _status_events(
+        self, endpoint: str, conversation_id: str, status: _Status
+    ) -> list[NewEvent]:
+        """The ``delivery.status``, and a ``delivery.failed`` when a ``failed`` status says
+        the window was closed or the recipient is invalid (Graph reports them late, too)."""
+        events = [self._status_event(endpoint, conversation_id, status)]
+        error = status.errors[0] if status.errors else None
+        reason = final_failure(self.graph_codes, error.code) if error else None
+        if status.status == "failed" and error is not None and reason is not None:
+            events.append(
+                NewEvent(
+                    type="delivery.failed",
+                    source=self._source,
+                    dedupe_key=f"{status.id}:delivery_failed",
+                    conversation_id=conversation_id,
+                    data={
+                        "reason": reason,
+                        "instance": self.name,
+                        "wamid": status.id,
+                        "error_code": error.code,
+                        "error": f"(#{error.code}) {error.title or ''}".strip()[:500],
+                    },
+                )
+            )
+        return events
+
     def _status_event(self, endpoint: str, conversation_id: str, status: _Status) -> NewEvent:
         error = status.errors[0] if status.errors else None
         data = {
@@ -360,7 +443,10 @@ class WhatsAppChannel(MetaChannel[_Value]):
         endpoint = self._endpoints.get(message.endpoint)
         if endpoint is None:
             raise unknown_endpoint("phone_number_id", message.endpoint)
-        body = self._send_body(message)
+        template = self._template(message)
+        if template is None:
+            self._check_window(message)
+        body = self._send_body(message, template)
         url = f"{self.settings.graph_url}/{endpoint.phone_number_id}/messages"
         data = await self._graph("POST", url, endpoint, json_body=body)
         sent = _SendResponse.model_validate(data) if isinstance(data, dict) else None
@@ -370,13 +456,43 @@ class WhatsAppChannel(MetaChannel[_Value]):
             return None
         return sent.messages[0].id
 
-    def _send_body(self, message: OutboundMessage) -> dict[str, Any]:
+    @staticmethod
+    def _template(message: OutboundMessage) -> OutboundTemplate | None:
+        raw = message.message.get("template")
+        if raw is None:
+            return None
+        try:
+            return OutboundTemplate.model_validate(raw)
+        except ValidationError as exc:
+            raise ChannelSendError(
+                f"provider_error: invalid template: {exc.error_count()} errors", retryable=False
+            ) from exc
+
+    def _check_window(self, message: OutboundMessage) -> None:
+        """Free form only within 24 h of the customer's last message: otherwise a
+        ``window_closed`` failure without a Graph call. Unknown last time: Graph decides."""
+        last = message.customer_last_at
+        if last is None:
+            return
+        age = self.context.clock.now() - last
+        if age > SERVICE_WINDOW:
+            raise ChannelSendError(
+                f"window_closed: the customer last wrote {age} ago; "
+                "outside the 24 h window only templates can be sent",
+                retryable=False,
+            )
+
+    def _send_body(
+        self, message: OutboundMessage, template: OutboundTemplate | None = None
+    ) -> dict[str, Any]:
         text = str(message.message.get("text", ""))
         common = {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
             "to": message.identity,
         }
+        if template is not None:
+            return {**common, "type": "template", "template": template.wire()}
         buttons = buttons_of(message.message.get("buttons"))
         # Too many or too long for reply buttons → numbered text.
         text, use_buttons = fit_buttons(text, buttons, MAX_BUTTONS, MAX_BUTTON_TITLE)
@@ -413,7 +529,6 @@ class WhatsAppChannel(MetaChannel[_Value]):
         """Fetch an inbound media file (two steps: its URL, then its bytes, same token).
 
         Refuses types outside ``media_allowed_types`` and files over ``media_max_bytes``.
-        Not called by the event flow yet: events carry the media id by reference.
         """
         ep = self._endpoints.get(endpoint)
         if ep is None:
@@ -445,3 +560,125 @@ class WhatsAppChannel(MetaChannel[_Value]):
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ConnectorError(f"media download failed: {type(exc).__name__}") from exc
         return bytes(body), info.mime_type
+
+    # after the commit: read receipts and media, in the background --------------------------
+    def _after_commit(self, events: Sequence[NewEvent]) -> None:
+        latest: dict[tuple[str, str], str] = {}
+        for ev in events:
+            if ev.type != "customer.message" or ev.endpoint is None or ev.identity is None:
+                continue
+            latest[(ev.endpoint, ev.identity)] = str(ev.data["wamid"])
+            media_id = ev.data.get("media_id")
+            if self.settings.media_download and isinstance(media_id, str):
+                allowed = bool(ev.data.get("media_allowed"))
+                self._spawn(self._fetch_media(ev.endpoint, media_id, allowed))
+        if self.settings.mark_read:
+            for (endpoint, _), wamid in latest.items():
+                self._spawn(self._mark_read(endpoint, wamid))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count(self, what: str) -> None:
+        self.stats[what] += 1
+        metrics = self.context.service.get("metrics")
+        if isinstance(metrics, Metrics):
+            metrics.channel_background.labels(self.channel, what).inc()
+
+    async def _mark_read(self, endpoint: str, wamid: str) -> None:
+        """Mark ``wamid`` (and so every earlier message) read; one retry, failures logged."""
+        ep = self._endpoints[endpoint]
+        body: dict[str, Any] = {
+            "messaging_product": "whatsapp",
+            "status": "read",
+            "message_id": wamid,
+        }
+        if self.settings.typing_indicator:
+            body["typing_indicator"] = {"type": "text"}
+        url = f"{self.settings.graph_url}/{endpoint}/messages"
+        for attempt in (1, 2):
+            try:
+                await self._graph("POST", url, ep, json_body=body)
+            except ChannelSendError as exc:
+                if exc.retryable and attempt == 1:
+                    await asyncio.sleep(0.5)
+                    continue
+                self._count("read_failed")
+                log.warning(
+                    "whatsapp_mark_read_failed", instance=self.name, wamid=wamid, error=str(exc)
+                )
+                return
+            self._count("read_sent")
+            return
+
+    def media_path(self, media_id: str) -> Path | None:
+        """Where a downloaded inbound media file is (None: not downloaded)."""
+        root = self._media_root()
+        if root is None or not MEDIA_ID.match(media_id):
+            return None
+        try:
+            record = json.loads((root / "index" / f"{media_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return root / str(record["sha256"])
+
+    def _media_root(self) -> Path | None:
+        data_dir = self.context.data_dir
+        return data_dir / "media" if data_dir is not None else None
+
+    async def _fetch_media(self, endpoint: str, media_id: str, allowed: bool) -> None:
+        """Download one inbound media file into ``<data_dir>/media/<sha256>`` and index it
+        by media id. Failures are logged and counted, never the conversation's problem."""
+        root = self._media_root()
+        if root is None or not MEDIA_ID.match(media_id):
+            self._count("media_refused")
+            log.warning("whatsapp_media_not_stored", instance=self.name, media_id=media_id[:64])
+            return
+        if not allowed:
+            self._count("media_refused")
+            log.warning("whatsapp_media_type_refused", instance=self.name, media_id=media_id)
+            return
+        if self.media_path(media_id) is not None:
+            return  # a redelivery: already stored
+        async with self._media_slots:
+            try:
+                content, mime = await self.download_media(media_id, endpoint)
+                digest = hashlib.sha256(content).hexdigest()
+                record = {
+                    "media_id": media_id,
+                    "sha256": digest,
+                    "mime_type": mime,
+                    "size": len(content),
+                    "phone_number_id": endpoint,
+                }
+                await asyncio.to_thread(_write_media, root, digest, content, media_id, record)
+            except (ConnectorError, OSError) as exc:
+                refused = getattr(exc, "code", None) == "media_refused"
+                self._count("media_refused" if refused else "media_failed")
+                log.warning(
+                    "whatsapp_media_download_failed",
+                    instance=self.name,
+                    media_id=media_id,
+                    error=str(exc)[:300],
+                )
+                return
+        self._count("media_downloaded")
+        log.info("whatsapp_media_stored", instance=self.name, media_id=media_id, sha256=digest)
+
+
+def _write_media(
+    root: Path, digest: str, content: bytes, media_id: str, record: dict[str, Any]
+) -> None:
+    """Write the file (content-addressed) and its index entry, each atomically."""
+    (root / "index").mkdir(parents=True, exist_ok=True)
+    target = root / digest
+    if not target.exists():
+        tmp = root / f".{digest}.{os.getpid()}.tmp"
+        tmp.write_bytes(content)
+        os.replace(tmp, target)
+    entry = root / "index" / f"{media_id}.json"
+    tmp = root / "index" / f".{media_id}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, entry)

@@ -105,6 +105,7 @@ def _add_connector_routes(app: web.Application) -> None:
         clock=app[CLOCK],
         session_secret=settings.session_secret,
         allowed_origins=settings.allowed_origins,
+        data_dir=settings.data_dir,
         service={
             "history": lambda i, e, v: _history(app, i, e, v),
             "present_customers": lambda instance: app[STORE].present_customers(instance),

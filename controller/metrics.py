@@ -74,6 +74,12 @@ class Metrics:
         self.websockets = Gauge(
             "convctl_websockets", "Open WebSocket connections", ["kind"], registry=r
         )
+        self.channel_background = Counter(
+            "convctl_channel_background",
+            "Channel work after the commit (read receipts, media downloads) by outcome",
+            ["channel", "outcome"],
+            registry=r,
+        )
         self.http_errors = Counter(
             "convctl_http_errors", "HTTP error answers", ["status", "code"], registry=r
         )

@@ -54,8 +54,20 @@ class GraphRequest:
 
     @property
     def is_send(self) -> bool:
+        """A message sent (not a read receipt)."""
         parts = self.path.strip("/").split("/")
-        return len(parts) == 3 and parts[2] == "messages"
+        return len(parts) == 3 and parts[2] == "messages" and not self.is_read_receipt
+
+    @property
+    def is_read_receipt(self) -> bool:
+        """A WhatsApp ``{"status": "read", "message_id"}`` call on ``/messages``."""
+        parts = self.path.strip("/").split("/")
+        return (
+            len(parts) == 3
+            and parts[2] == "messages"
+            and isinstance(self.json, dict)
+            and self.json.get("status") == "read"
+        )
 
     @property
     def phone_number_id(self) -> str | None:
@@ -105,6 +117,12 @@ class FakeGraph:
     requests: list[GraphRequest] = field(default_factory=list)
     failures: list[GraphFailure] = field(default_factory=list)
     base_url: str = ""
+    # Answer the next ``fail_reads`` read receipts with a 500 (scripted failures skip them).
+    fail_reads: int = 0
+
+    def reads(self) -> list[GraphRequest]:
+        """Read receipts the fake accepted, in order."""
+        return [r for r in self.requests if r.is_read_receipt and r.status == 200]
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -241,6 +259,8 @@ class FakeGraph:
             return refused
         if (auth := self._auth_error(request, number)) is not None:
             return await self._answer(request, body, 401, _error(190, auth))
+        if isinstance(body, dict) and body.get("status") == "read":
+            return await self._read_receipt(request, body)
         if (problem := _invalid_send(body)) is not None:
             return await self._answer(request, body, 400, _error(100, problem))
         if (failure := self._scripted(number, body)) is not None:
@@ -257,6 +277,16 @@ class FakeGraph:
                 "messages": [{"id": wamid, "message_status": "accepted"}],
             },
         )
+
+    async def _read_receipt(self, request: web.Request, body: dict[str, Any]) -> web.Response:
+        if body.get("messaging_product") != "whatsapp" or not str(
+            body.get("message_id", "")
+        ).startswith("wamid."):
+            return await self._answer(request, body, 400, _error(100, "invalid read receipt"))
+        if self.fail_reads > 0:
+            self.fail_reads -= 1
+            return await self._answer(request, body, 500, _error(131000, "scripted failure"))
+        return await self._answer(request, body, 200, {"success": True})
 
     async def _me_messages(self, request: web.Request) -> web.Response:
         """Messenger's Send API: the Page is the one whose token is in ``access_token``."""
@@ -383,6 +413,13 @@ def _invalid_send(body: Any) -> str | None:
         return f"a message of type {kind!r} needs the {kind!r} object"
     if kind == "text" and not str(body["text"].get("body", "")).strip():
         return "text.body is required"
+    if kind == "template":
+        template = body["template"]
+        if not template.get("name") or not isinstance(template.get("language"), dict):
+            return "a template needs a name and language.code"
+        for component in template.get("components", []):
+            if any(p.get("type") != "text" or "text" not in p for p in component["parameters"]):
+                return "template text parameters need a text"
     if kind == "interactive" and body["interactive"].get("type") == "button":
         buttons = body["interactive"].get("action", {}).get("buttons", [])
         if not 1 <= len(buttons) <= 3:

@@ -12,6 +12,8 @@ import asyncio
 import json
 import re
 import secrets
+from functools import cache
+from importlib import resources
 from typing import Annotated, Any, Literal
 
 import structlog
@@ -330,8 +332,23 @@ async def _on_command(
         )
 
 
+@cache
+def _desk_html() -> str:
+    return resources.files("controller").joinpath("web/desk.html").read_text("utf-8")
+
+
+async def desk_page(request: web.Request) -> web.Response:
+    """The agent desk page (it signs in with an agent token itself)."""
+    return web.Response(
+        text=_desk_html(),
+        content_type="text/html",
+        headers={"Cache-Control": "no-cache", "X-Frame-Options": "DENY"},
+    )
+
+
 def routes() -> list[web.RouteDef]:
     return [
+        web.get("/desk", desk_page),
         web.get("/api/v1/agents/me", me),
         web.put("/api/v1/agents/me/presence", presence),
         web.get("/api/v1/agents/ws", desk_socket),

@@ -14,7 +14,15 @@ from typing import Annotated, Any, Literal
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
 from pydantic import StringConstraints as Str
 
 from controller.api.common import Principal, authenticate, read_json
@@ -35,6 +43,12 @@ log = structlog.get_logger(__name__)
 
 WRITERS = ("admin", "crm")
 READERS = ("admin", "crm", "agent")
+# what erasure writes in place of a personal value
+ERASED = "[erased]"
+# bulk upsert: the body is streamed line by line, so it may exceed the app's body limit
+BULK_MAX_BYTES = 1 << 30
+BULK_BATCH = 500
+BULK_MAX_FAILURES = 10_000
 
 CustomKey = Annotated[str, Str(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 CustomValue = StrictBool | StrictInt | StrictFloat | Annotated[str, Str(max_length=1000)]
@@ -59,6 +73,23 @@ class CreateBody(BaseModel):
     identities: list[IdentityBody] = Field(default_factory=list, max_length=20)
 
 
+class BulkLine(BaseModel):
+    """One NDJSON line of a bulk upsert: the profile with this CRM id (given fields only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    external_id: str = Field(min_length=1, max_length=200)
+    name: str | None = Field(None, min_length=1, max_length=200)
+    email: str | None = Field(None, max_length=254)
+    phone: str | None = Field(None, max_length=40)
+    language: Language | None = None
+    custom: dict[CustomKey, CustomValue | None] = Field(default_factory=dict, max_length=100)
+
+
+class MergeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_id: str = Field(alias="from", min_length=1, max_length=100)
+
+
 class PatchBody(BaseModel):
     """Given fields replace (null clears); ``custom`` merges key by key (null removes)."""
 
@@ -75,7 +106,7 @@ def _region(request: web.Request) -> str | None:
     return request.app[SETTINGS].default_phone_region
 
 
-def _profile(request: web.Request, body: CreateBody | PatchBody) -> dict[str, Any]:
+def _profile(request: web.Request, body: CreateBody | PatchBody | BulkLine) -> dict[str, Any]:
     """The given fields, normalized (only those the client sent, for a PATCH)."""
     given = body.model_fields_set - {"identities"}
     fields: dict[str, Any] = {name: getattr(body, name) for name in given}
@@ -158,9 +189,18 @@ async def create(request: web.Request) -> web.Response:
 
 async def get_one(request: web.Request) -> web.Response:
     await authenticate(request, *READERS)
-    record = await request.app[STORE].customer(_customer_id(request))
+    customer_id = _customer_id(request)
+    record = await request.app[STORE].customer(customer_id)
     if record is None:
-        raise NotFound(f"unknown customer {_customer_id(request)!r}", code="unknown_customer")
+        into = await request.app[STORE].merged_into(customer_id)
+        if into is not None:
+            # a merged-away customer: a permanent redirect to the one it lives on in
+            return web.json_response(
+                {"id": customer_id, "merged_into": into},
+                status=308,
+                headers={"Location": f"/api/v1/customers/{into}"},
+            )
+        raise NotFound(f"unknown customer {customer_id!r}", code="unknown_customer")
     return _respond(record)
 
 
@@ -183,9 +223,17 @@ async def patch(request: web.Request) -> web.Response:
 
 
 async def delete(request: web.Request) -> web.Response:
-    await authenticate(request, *WRITERS)
+    """Delete (admin, crm); ``?erase=true`` erases instead (admin only)."""
+    erase = _bool("erase", request.query.get("erase"))
+    await authenticate(request, *(("admin",) if erase else WRITERS))
     customer_id = _customer_id(request)
-    version = await request.app[STORE].delete_customer(
+    store = request.app[STORE]
+    if erase:
+        version = await store.erase_customer(customer_id, request.app[CLOCK].now(), ERASED)
+        request.app[CUSTOMERS].deleted(customer_id, version)
+        log.info("customer_erased", customer_id=customer_id)
+        return web.Response(status=204)
+    version = await store.delete_customer(
         customer_id, request.app[CLOCK].now(), expected_version=_if_match(request, required=False)
     )
     request.app[CUSTOMERS].deleted(customer_id, version)
@@ -257,7 +305,177 @@ async def attach_identity(request: web.Request) -> web.Response:
     return _respond(result)
 
 
-async def _announce(app: web.Application, record: CustomerRecord, kind: str) -> None:
+class _BulkReport:
+    def __init__(self) -> None:
+        self.counts = {"lines": 0, "created": 0, "updated": 0, "unchanged": 0, "failed": 0}
+        self.failures: list[dict[str, Any]] = []
+
+    def fail(self, line: int, code: str, message: str) -> None:
+        self.counts["failed"] += 1
+        if len(self.failures) < BULK_MAX_FAILURES:
+            self.failures.append({"line": line, "code": code, "message": message})
+
+
+def _bulk_line(request: web.Request, raw: bytes) -> dict[str, Any]:
+    """A line's normalized fields; RequestError for a line that cannot be applied."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"malformed JSON: {exc}", code="malformed_json") from exc
+    try:
+        line = BulkLine.model_validate(data)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'line'}: {e['msg']}" for e in exc.errors()
+        )
+        raise RequestError(f"invalid line: {details}", code="invalid_line") from exc
+    fields = _profile(request, line)
+    fields["external_id"] = line.external_id.strip()
+    return fields
+
+
+async def _bulk_flush(
+    request: web.Request, batch: list[tuple[int, dict[str, Any]]], report: _BulkReport
+) -> None:
+    if not batch:
+        return
+    outcomes = await request.app[STORE].bulk_upsert_customers(batch, request.app[CLOCK].now())
+    profiles = request.app[CUSTOMERS]
+    for outcome in outcomes:
+        if outcome.outcome == "failed":
+            report.fail(outcome.line, outcome.code or "failed", outcome.message or "")
+            continue
+        report.counts[outcome.outcome] += 1
+        if outcome.record is not None and outcome.outcome != "unchanged":
+            profiles.written(outcome.record)
+    batch.clear()
+
+
+async def bulk(request: web.Request) -> web.Response:
+    """NDJSON upsert by external id, streamed: batches of 500 lines, each line atomic."""
+    await authenticate(request, *WRITERS)
+    if request.content_type != "application/x-ndjson":
+        raise RequestError(
+            "send NDJSON (Content-Type: application/x-ndjson)",
+            code="unsupported_media_type",
+            status=415,
+        )
+    report = _BulkReport()
+    batch: list[tuple[int, dict[str, Any]]] = []
+    number = size = 0
+    while True:
+        try:
+            raw = await request.content.readline()
+        except ValueError as exc:  # aiohttp's bound on one line
+            await _bulk_flush(request, batch, report)
+            raise RequestError(
+                f"line {number + 1} is too long (lines before it were applied)",
+                code="line_too_long",
+                status=413,
+            ) from exc
+        if not raw:
+            break
+        number += 1
+        size += len(raw)
+        if size > BULK_MAX_BYTES:
+            await _bulk_flush(request, batch, report)
+            raise RequestError(
+                f"body larger than {BULK_MAX_BYTES} bytes (lines before {number} were applied)",
+                code="too_large",
+                status=413,
+            )
+        if not raw.strip():
+            continue
+        report.counts["lines"] += 1
+        try:
+            batch.append((number, _bulk_line(request, raw)))
+        except RequestError as exc:
+            report.fail(number, exc.code, exc.message)
+        if len(batch) >= BULK_BATCH:
+            await _bulk_flush(request, batch, report)
+    await _bulk_flush(request, batch, report)
+    log.info("customers_bulk_upserted", **report.counts)
+    return web.json_response(
+        {
+            **report.counts,
+            "failures": sorted(report.failures, key=lambda f: int(f["line"])),
+            "failures_truncated": report.counts["failed"] > len(report.failures),
+        }
+    )
+
+
+async def merge(request: web.Request) -> web.Response:
+    """``{"from": ID}``: ID's identities and conversations move here; ID becomes a tombstone."""
+    await authenticate(request, *WRITERS)
+    body = await read_json(request, MergeBody)
+    store = request.app[STORE]
+    result = await store.merge_customers(
+        _customer_id(request), body.from_id, request.app[CLOCK].now()
+    )
+    profiles = request.app[CUSTOMERS]
+    profiles.written(result.record)
+    profiles.deleted(result.from_id, result.from_version)
+    if not result.repeated:
+        log.info(
+            "customers_merged",
+            into=result.into_id,
+            merged=result.from_id,
+            conversations=result.conversations,
+        )
+    # Again on a repeat: the dedupe keys make it a no-op, and it heals a crash after the commit.
+    await _announce(
+        request.app,
+        result.record,
+        "customer.merged",
+        dedupe=f"merged:{result.from_id}",
+        data={"merged_from": result.from_id},
+    )
+    response = web.json_response(result.as_dict(), headers={"ETag": result.record.etag})
+    if result.repeated:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def export(request: web.Request) -> web.Response:
+    """Everything held about one customer: profile, identities, conversations, transcripts."""
+    await authenticate(request, "admin")
+    store = request.app[STORE]
+    customer_id = _customer_id(request)
+    record = await store.customer(customer_id)
+    if record is None:
+        raise NotFound(f"unknown customer {customer_id!r}", code="unknown_customer")
+    conversations = []
+    for conv in await store.customer_conversations(customer_id):
+        messages = await store.messages(conv["id"], include_agent_only=True)
+        conv["transcript"] = [
+            {
+                "sender_role": m.sender_role,
+                "sender_id": m.sender_id,
+                "text": m.text,
+                "visibility": m.visibility,
+                "created_at": m.created_at.isoformat(),
+            }
+            for m in messages
+        ]
+        conversations.append(conv)
+    return web.json_response(
+        {
+            "exported_at": request.app[CLOCK].now().isoformat(),
+            "customer": record.as_dict(),
+            "merged_from": await store.merged_from(customer_id),
+            "conversations": conversations,
+        }
+    )
+
+
+async def _announce(
+    app: web.Application,
+    record: CustomerRecord,
+    kind: str,
+    *,
+    dedupe: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
     """Tell the customer's open conversations (their rules may react at once).
 
     After the commit, with a dedupe key per customer version: not atomic with the write (a
@@ -268,9 +486,9 @@ async def _announce(app: web.Application, record: CustomerRecord, kind: str) -> 
         event = NewEvent(
             type=kind,  # type: ignore[arg-type]
             source="customers",
-            dedupe_key=f"{record.id}:v{record.version}:{kind}:{conversation_id}",
+            dedupe_key=f"{record.id}:{dedupe or f'v{record.version}'}:{kind}:{conversation_id}",
             conversation_id=conversation_id,
-            data={"customer_id": record.id, "known": record.known},
+            data={"customer_id": record.id, "known": record.known, **(data or {})},
         )
         try:
             await app[INBOX].submit([event])
@@ -283,8 +501,11 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/v1/customers", create),
         web.get("/api/v1/customers", list_all),
         web.get("/api/v1/customers/lookup", lookup),
+        web.post("/api/v1/customers/bulk", bulk),
         web.get("/api/v1/customers/{customer_id}", get_one),
         web.patch("/api/v1/customers/{customer_id}", patch),
         web.delete("/api/v1/customers/{customer_id}", delete),
         web.post("/api/v1/customers/{customer_id}/identities", attach_identity),
+        web.post("/api/v1/customers/{customer_id}/merge", merge),
+        web.get("/api/v1/customers/{customer_id}/export", export),
     ]

@@ -183,7 +183,7 @@ EVENT_DESCRIPTIONS: Mapping[str, str] = {
     "customer.left": "the customer left for good (no connector emits it yet)",
     "customer.identified": "the Customer API identified the customer (`customer_id`)",
     "customer.updated": "the Customer API changed the customer's profile (`customer_id`)",
-    "customer.merged": "two customer profiles were merged (no connector emits it yet)",
+    "customer.merged": "a customer (`merged_from`) was merged into this one (`customer_id`)",
     "bot.message": "the bot answered (`text`)",
     "bot.handoff": "the bot asks for a person",
     "bot.failed": "the bot is down or too slow",

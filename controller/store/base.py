@@ -374,6 +374,41 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def customer_open_conversations(self, customer_id: str) -> list[str]: ...
 
+    @abc.abstractmethod
+    async def bulk_upsert_customers(
+        self, lines: Sequence[tuple[int, Mapping[str, Any]]], now: datetime
+    ) -> list[BulkOutcome]:
+        """Upsert (line number, normalized fields with ``external_id``) by external id, in
+        one transaction, each line atomic on its own: a failing line (an identity of
+        another customer) changes nothing and is reported; a line equal to the stored
+        profile is ``unchanged`` (so the same file twice changes nothing)."""
+
+    @abc.abstractmethod
+    async def merge_customers(self, into_id: str, from_id: str, now: datetime) -> MergeResult:
+        """Move every identity and conversation of ``from_id`` to ``into_id`` (empty profile
+        fields and custom keys of ``into_id`` are filled from it) and leave ``from_id`` as a
+        tombstone pointing there. Merging the same pair again answers the first merge
+        (``repeated``); a customer merged elsewhere is a 409 ``already_merged``."""
+
+    @abc.abstractmethod
+    async def merged_into(self, customer_id: str) -> str | None:
+        """The customer a merged-away customer now lives in (following merge chains)."""
+
+    @abc.abstractmethod
+    async def merged_from(self, customer_id: str) -> list[str]:
+        """The customers merged into this one, oldest merge first."""
+
+    @abc.abstractmethod
+    async def erase_customer(self, customer_id: str, now: datetime, marker: str) -> int:
+        """Erasure: forget profile and identities and rewrite the customer's personal values
+        wherever stored (messages, events, decision facts, outbox, conversation snapshots)
+        with ``marker``; counts and states stay. Returns the tombstone's version."""
+
+    @abc.abstractmethod
+    async def customer_conversations(self, customer_id: str) -> list[dict[str, Any]]:
+        """Summaries (id, channel, instance, endpoint, identity, state, created_at) of every
+        conversation of the customer, oldest first (for an export)."""
+
 
 @dataclass(frozen=True, slots=True)
 class RulesVersion:
@@ -429,6 +464,43 @@ class CustomerRecord:
             "version": self.version,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class BulkOutcome:
+    """What one bulk line did: created, updated, unchanged or failed (with code, message)."""
+
+    line: int
+    outcome: str
+    record: CustomerRecord | None
+    code: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """A merge as recorded, with the surviving customer as it is now."""
+
+    into_id: str
+    from_id: str
+    identities: int  # moved
+    conversations: int  # moved
+    merged_at: datetime
+    record: CustomerRecord
+    from_version: int  # the tombstone's version
+    repeated: bool  # this pair was merged before: nothing changed now
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "merge": {
+                "from": self.from_id,
+                "into": self.into_id,
+                "identities": self.identities,
+                "conversations": self.conversations,
+                "merged_at": self.merged_at.isoformat(),
+            },
+            "customer": self.record.as_dict(),
         }
 
 

@@ -30,12 +30,14 @@ from controller.store.base import (
     PROFILE_FIELDS,
     Accepted,
     AgentRecord,
+    BulkOutcome,
     Committed,
     CustomerQuery,
     CustomerRecord,
     DecisionRecord,
     IdempotencyKey,
     Identity,
+    MergeResult,
     Message,
     OfferRecord,
     OutboxRow,
@@ -801,26 +803,7 @@ class SqliteStore(Store):
             replay = _replay(conn, idempotency)
             if replay is not None:
                 return replay
-            customer_id = new_id("cu")
-            fields = {f: profile.get(f) for f in PROFILE_FIELDS}
-            conn.execute(
-                "INSERT INTO customers (id, identity_key, created_at, updated_at, known, "
-                "custom, name, email, phone, language, external_id) "
-                "VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
-                (
-                    customer_id,
-                    f"customer:{customer_id}",  # no channel contact yet; unique placeholder
-                    _ts(now),
-                    _ts(now),
-                    json.dumps(dict(profile.get("custom") or {}), separators=(",", ":")),
-                    *fields.values(),
-                ),
-            )
-            wanted = [Identity(k, str(fields[f])) for f, k in IDENTITY_FIELDS.items() if fields[f]]
-            for ident in dict.fromkeys([*wanted, *identities]):
-                _add_identity(conn, customer_id, ident, now)
-            record = _customer(conn, customer_id)
-            assert record is not None
+            record = _create_customer(conn, profile, identities, now)
             _remember(conn, idempotency, 201, record.as_dict(), now)
             return record
 
@@ -838,42 +821,7 @@ class SqliteStore(Store):
         expected_version: int | None,
     ) -> CustomerRecord:
         def run(conn: sqlite3.Connection) -> CustomerRecord:
-            current = _current(conn, customer_id, expected_version)
-            fields = {f: changes[f] for f in PROFILE_FIELDS if f in changes}
-            known = current.known
-            for field_name, kind in IDENTITY_FIELDS.items():
-                if field_name not in fields or fields[field_name] == current.profile[field_name]:
-                    continue
-                old, new = current.profile[field_name], fields[field_name]
-                if old is not None:
-                    conn.execute(
-                        "DELETE FROM identities WHERE kind = ? AND value = ? AND customer_id = ?",
-                        (kind, old, customer_id),
-                    )
-                if new is not None:
-                    _add_identity(conn, customer_id, Identity(kind, new), now)
-                    known = True
-            custom = dict(current.custom)
-            for key, value in (changes.get("custom") or {}).items():
-                if value is None:
-                    custom.pop(key, None)
-                else:
-                    custom[key] = value
-            assignments = "".join(f", {f} = ?" for f in fields)
-            conn.execute(
-                f"UPDATE customers SET version = version + 1, updated_at = ?, known = ?, "
-                f"custom = ?{assignments} WHERE id = ?",
-                (
-                    _ts(now),
-                    int(known),
-                    json.dumps(custom, separators=(",", ":")),
-                    *fields.values(),
-                    customer_id,
-                ),
-            )
-            record = _customer(conn, customer_id)
-            assert record is not None
-            return record
+            return _update_customer(conn, customer_id, changes, now, expected_version)
 
         return await self._write(run)
 
@@ -976,6 +924,177 @@ class SqliteStore(Store):
                 (customer_id,),
             ).fetchall()
             return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    async def bulk_upsert_customers(
+        self, lines: Sequence[tuple[int, Mapping[str, Any]]], now: datetime
+    ) -> list[BulkOutcome]:
+        def run(conn: sqlite3.Connection) -> list[BulkOutcome]:
+            outcomes: list[BulkOutcome] = []
+            for number, changes in lines:
+                # each line atomic on its own inside the batch's transaction
+                conn.execute("SAVEPOINT bulk_line")
+                try:
+                    outcome, record = _upsert_by_external_id(conn, changes, now)
+                except (ConvctlError, sqlite3.IntegrityError) as exc:
+                    conn.execute("ROLLBACK TO bulk_line")
+                    conn.execute("RELEASE bulk_line")
+                    code, message = (
+                        (exc.code, exc.message)
+                        if isinstance(exc, ConvctlError)
+                        else ("conflict", str(exc))
+                    )
+                    outcomes.append(BulkOutcome(number, "failed", None, code, message))
+                    continue
+                conn.execute("RELEASE bulk_line")
+                outcomes.append(BulkOutcome(number, outcome, record))
+            return outcomes
+
+        return await self._write(run)
+
+    async def merge_customers(self, into_id: str, from_id: str, now: datetime) -> MergeResult:
+        def run(conn: sqlite3.Connection) -> MergeResult:
+            if into_id == from_id:
+                raise RequestError(
+                    "a customer cannot be merged into itself", code="merge_self", status=422
+                )
+            done = conn.execute(
+                "SELECT into_id, identities, conversations, merged_at FROM customer_merges "
+                "WHERE from_id = ?",
+                (from_id,),
+            ).fetchone()
+            if done is not None:
+                if done[0] != into_id:
+                    raise Conflict(
+                        f"customer {from_id!r} was merged into {done[0]!r}",
+                        code="already_merged",
+                    )
+                record = _current(conn, into_id, None)
+                version = conn.execute(
+                    "SELECT version FROM customers WHERE id = ?", (from_id,)
+                ).fetchone()[0]
+                return MergeResult(
+                    into_id, from_id, done[1], done[2], _dt(done[3]), record, version, True
+                )
+            into = _current(conn, into_id, None)
+            source = _current(conn, from_id, None)
+            # Empty fields of the survivor are filled from the merged-away profile; the unique
+            # external id is released first. Every identity moves as it is.
+            fill = {
+                f: source.profile[f]
+                for f in PROFILE_FIELDS
+                if into.profile[f] is None and source.profile[f] is not None
+            }
+            custom = {**source.custom, **into.custom}
+            conn.execute("UPDATE customers SET external_id = NULL WHERE id = ?", (from_id,))
+            identities = conn.execute(
+                "UPDATE identities SET customer_id = ? WHERE customer_id = ?", (into_id, from_id)
+            ).rowcount
+            # The conversations keep the identity they run on; their version moves so a
+            # decision in flight on the old snapshot is retried on the new one.
+            conversations = conn.execute(
+                "UPDATE conversations SET customer_id = ?, "
+                "snapshot = json_set(snapshot, '$.customer_id', ?), version = version + 1 "
+                "WHERE customer_id = ?",
+                (into_id, into_id, from_id),
+            ).rowcount
+            assignments = "".join(f", {f} = ?" for f in fill)
+            conn.execute(
+                f"UPDATE customers SET version = version + 1, updated_at = ?, known = ?, "
+                f"custom = ?{assignments} WHERE id = ?",
+                (
+                    _ts(now),
+                    int(into.known or source.known),
+                    json.dumps(custom, separators=(",", ":")),
+                    *fill.values(),
+                    into_id,
+                ),
+            )
+            conn.execute(
+                "UPDATE customers SET identity_key = ?, name = NULL, email = NULL, "
+                "phone = NULL, language = NULL, external_id = NULL, custom = '{}', known = 0, "
+                "version = version + 1, updated_at = ?, deleted_at = ? WHERE id = ?",
+                (f"merged:{from_id}", _ts(now), _ts(now), from_id),
+            )
+            conn.execute(
+                "INSERT INTO customer_merges VALUES (?, ?, ?, ?, ?)",
+                (from_id, into_id, identities, conversations, _ts(now)),
+            )
+            merged = _customer(conn, into_id)
+            assert merged is not None
+            return MergeResult(
+                into_id,
+                from_id,
+                identities,
+                conversations,
+                now,
+                merged,
+                source.version + 1,
+                False,
+            )
+
+        return await self._write(run)
+
+    async def merged_into(self, customer_id: str) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            found: str | None = None
+            current = customer_id
+            for _ in range(100):  # merge chains are short; a bound guards against a cycle
+                row = conn.execute(
+                    "SELECT into_id FROM customer_merges WHERE from_id = ?", (current,)
+                ).fetchone()
+                if row is None:
+                    break
+                found = current = row[0]
+            return found
+
+        return await self._read(run)
+
+    async def merged_from(self, customer_id: str) -> list[str]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT from_id FROM customer_merges WHERE into_id = ? ORDER BY merged_at, from_id",
+                (customer_id,),
+            ).fetchall()
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    async def erase_customer(self, customer_id: str, now: datetime, marker: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return _erase(conn, customer_id, now, marker)
+
+        version = await self._write(run)
+        # Old page images live on in the WAL until a checkpoint; deleted cells are zeroed
+        # (secure_delete) in the pages the checkpoint writes back.
+        busy = await self._read(
+            lambda conn: conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        )
+        if busy:
+            log.warning("erase_checkpoint_busy", customer_id=customer_id)
+        return version
+
+    async def customer_conversations(self, customer_id: str) -> list[dict[str, Any]]:
+        def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(
+                "SELECT id, json_extract(snapshot, '$.channel') AS channel, instance, endpoint, "
+                "identity, state, created_at FROM conversations WHERE customer_id = ? "
+                "ORDER BY created_at, id",
+                (customer_id,),
+            ).fetchall()
+            return [
+                {
+                    "id": r["id"],
+                    "channel": r["channel"],
+                    "instance": r["instance"],
+                    "endpoint": r["endpoint"],
+                    "identity": r["identity"],
+                    "state": r["state"],
+                    "created_at": _dt(r["created_at"]).isoformat(),
+                }
+                for r in rows
+            ]
 
         return await self._read(run)
 
@@ -1252,6 +1371,102 @@ def _offer_from_row(row: sqlite3.Row) -> OfferRecord:
     )
 
 
+def _create_customer(
+    conn: sqlite3.Connection,
+    profile: Mapping[str, Any],
+    identities: Sequence[Identity],
+    now: datetime,
+) -> CustomerRecord:
+    customer_id = new_id("cu")
+    fields = {f: profile.get(f) for f in PROFILE_FIELDS}
+    conn.execute(
+        "INSERT INTO customers (id, identity_key, created_at, updated_at, known, "
+        "custom, name, email, phone, language, external_id) "
+        "VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
+        (
+            customer_id,
+            f"customer:{customer_id}",  # no channel contact yet; unique placeholder
+            _ts(now),
+            _ts(now),
+            json.dumps(dict(profile.get("custom") or {}), separators=(",", ":")),
+            *fields.values(),
+        ),
+    )
+    wanted = [Identity(k, str(fields[f])) for f, k in IDENTITY_FIELDS.items() if fields[f]]
+    for ident in dict.fromkeys([*wanted, *identities]):
+        _add_identity(conn, customer_id, ident, now)
+    record = _customer(conn, customer_id)
+    assert record is not None
+    return record
+
+
+def _update_customer(
+    conn: sqlite3.Connection,
+    customer_id: str,
+    changes: Mapping[str, Any],
+    now: datetime,
+    expected_version: int | None,
+) -> CustomerRecord:
+    current = _current(conn, customer_id, expected_version)
+    fields = {f: changes[f] for f in PROFILE_FIELDS if f in changes}
+    known = current.known
+    for field_name, kind in IDENTITY_FIELDS.items():
+        if field_name not in fields or fields[field_name] == current.profile[field_name]:
+            continue
+        old, new = current.profile[field_name], fields[field_name]
+        if old is not None:
+            conn.execute(
+                "DELETE FROM identities WHERE kind = ? AND value = ? AND customer_id = ?",
+                (kind, old, customer_id),
+            )
+        if new is not None:
+            _add_identity(conn, customer_id, Identity(kind, new), now)
+            known = True
+    custom = dict(current.custom)
+    for key, value in (changes.get("custom") or {}).items():
+        if value is None:
+            custom.pop(key, None)
+        else:
+            custom[key] = value
+    assignments = "".join(f", {f} = ?" for f in fields)
+    conn.execute(
+        f"UPDATE customers SET version = version + 1, updated_at = ?, known = ?, "
+        f"custom = ?{assignments} WHERE id = ?",
+        (
+            _ts(now),
+            int(known),
+            json.dumps(custom, separators=(",", ":")),
+            *fields.values(),
+            customer_id,
+        ),
+    )
+    record = _customer(conn, customer_id)
+    assert record is not None
+    return record
+
+
+def _upsert_by_external_id(
+    conn: sqlite3.Connection, changes: Mapping[str, Any], now: datetime
+) -> tuple[str, CustomerRecord]:
+    """One bulk line: ("created" | "updated" | "unchanged", the record)."""
+    row = conn.execute(
+        "SELECT id FROM customers WHERE external_id = ? AND deleted_at IS NULL",
+        (changes["external_id"],),
+    ).fetchone()
+    if row is None:
+        return "created", _create_customer(conn, changes, (), now)
+    current = _current(conn, row[0], None)
+    same_fields = all(current.profile[f] == changes[f] for f in PROFILE_FIELDS if f in changes)
+    custom = changes.get("custom") or {}
+    same_custom = all(
+        (k not in current.custom) if v is None else current.custom.get(k) == v
+        for k, v in custom.items()
+    )
+    if same_fields and same_custom and current.known:
+        return "unchanged", current
+    return "updated", _update_customer(conn, current.id, changes, now, None)
+
+
 def _customer_from_row(conn: sqlite3.Connection, row: sqlite3.Row) -> CustomerRecord:
     idents = conn.execute(
         "SELECT kind, value FROM identities WHERE customer_id = ? ORDER BY created_at, kind, value",
@@ -1318,6 +1533,125 @@ def _add_identity(
         (identity.kind, identity.value, customer_id, _ts(now)),
     )
     return True
+
+
+# keys whose string values are what a person wrote or is called: replaced whole on erasure
+_PERSONAL_KEYS = frozenset({"text", "caption", "profile_name", "name", "email", "phone"})
+
+
+def _redact(value: Any, secrets: Sequence[str], marker: str) -> Any:
+    """``value`` (parsed JSON) with personal strings replaced by ``marker``."""
+    if isinstance(value, dict):
+        return {
+            k: marker
+            if k in _PERSONAL_KEYS and isinstance(v, str) and v
+            else _redact(v, secrets, marker)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact(v, secrets, marker) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret in value:
+                value = value.replace(secret, marker)
+    return value
+
+
+def _rewrite_json(
+    conn: sqlite3.Connection,
+    table: str,
+    key: str,
+    column: str,
+    where: str,
+    args: Sequence[Any],
+    secrets: Sequence[str],
+    marker: str,
+) -> None:
+    rows = conn.execute(f"SELECT {key}, {column} FROM {table} WHERE {where}", args).fetchall()
+    for row_key, raw in rows:
+        if raw is None:
+            continue
+        redacted = json.dumps(
+            _redact(json.loads(raw), secrets, marker), separators=(",", ":"), default=str
+        )
+        if redacted != raw:
+            conn.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (redacted, row_key))
+
+
+def _erase(conn: sqlite3.Connection, customer_id: str, now: datetime, marker: str) -> int:
+    """Erasure in one transaction (see ``Store.erase_customer``)."""
+    row = conn.execute("SELECT * FROM customers WHERE id = ?", (customer_id,)).fetchone()
+    # A deleted customer's tombstone can still be erased (its message history stays on
+    # delete); an erased or merged-away one is gone.
+    if row is None or row["identity_key"].startswith(("erased:", "merged:")):
+        raise NotFound(f"unknown customer {customer_id!r}", code="unknown_customer")
+    conversations = conn.execute(
+        "SELECT id, identity FROM conversations WHERE customer_id = ?", (customer_id,)
+    ).fetchall()
+    idents = conn.execute(
+        "SELECT value FROM identities WHERE customer_id = ?", (customer_id,)
+    ).fetchall()
+    values: set[str] = {r[0] for r in idents}
+    values.update(str(row[f]) for f in PROFILE_FIELDS if f != "language" and row[f])
+    values.update(v for v in json.loads(row["custom"]).values() if isinstance(v, str))
+    for conv in conversations:
+        values.add(conv["identity"])
+    for value in list(values):  # the E.164 number and the WhatsApp wa_id digits
+        if value.startswith("+"):
+            values.add(value[1:])
+    secrets = sorted((v for v in values if len(v) >= 3), key=len, reverse=True)
+    ids = [c["id"] for c in conversations]
+    for chunk_start in range(0, len(ids), 500):
+        chunk = ids[chunk_start : chunk_start + 500]
+        marks = ",".join("?" * len(chunk))
+        conn.execute(
+            f"UPDATE messages SET text = ? WHERE conversation_id IN ({marks})", [marker, *chunk]
+        )
+        for table, key, column in (
+            ("events", "id", "data"),
+            ("decisions", "event_id", "facts"),
+            ("outbox", "id", "payload"),
+        ):
+            _rewrite_json(
+                conn, table, key, column, f"conversation_id IN ({marks})", chunk, secrets, marker
+            )
+        conn.execute(
+            f"UPDATE outbox SET last_error = NULL WHERE conversation_id IN ({marks})", chunk
+        )
+    for conv in conversations:
+        # The conversation no longer answers to the person's channel id: whoever writes from
+        # it again starts a new conversation with a new anonymous customer.
+        identity = f"erased:{conv['id']}"
+        snapshot = conn.execute(
+            "SELECT snapshot FROM conversations WHERE id = ?", (conv["id"],)
+        ).fetchone()[0]
+        data = _redact(json.loads(snapshot), secrets, marker)
+        data["identity"] = identity
+        conn.execute(
+            "UPDATE conversations SET identity = ?, snapshot = ?, version = version + 1 "
+            "WHERE id = ?",
+            (identity, json.dumps(data, separators=(",", ":")), conv["id"]),
+        )
+    conn.execute("DELETE FROM identities WHERE customer_id = ?", (customer_id,))
+    conn.execute(
+        "DELETE FROM idempotency_keys WHERE response LIKE ?", (f'%"id": "{customer_id}"%',)
+    )
+    if (
+        not conversations
+        and not conn.execute(
+            "SELECT 1 FROM customer_merges WHERE from_id = ? OR into_id = ?",
+            (customer_id, customer_id),
+        ).fetchone()
+    ):
+        conn.execute("DELETE FROM customers WHERE id = ?", (customer_id,))
+        return int(row["version"]) + 1
+    conn.execute(
+        "UPDATE customers SET identity_key = ?, name = NULL, email = NULL, phone = NULL, "
+        "language = NULL, external_id = NULL, custom = '{}', known = 0, "
+        "version = version + 1, updated_at = ?, deleted_at = ? WHERE id = ?",
+        (f"erased:{customer_id}", _ts(now), _ts(now), customer_id),
+    )
+    return int(row["version"]) + 1
 
 
 def _replay(conn: sqlite3.Connection, key: IdempotencyKey | None) -> Replay | None:

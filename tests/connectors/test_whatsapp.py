@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
+import structlog
 
 from connectors.base import OutboundMessage
 from connectors.whatsapp import WhatsAppChannel
-from controller.errors import ConfigError, ConnectorError
+from controller.app import _deliver_channel
+from controller.clock import ManualClock
+from controller.errors import ChannelSendError, ConfigError, ConnectorError
 from controller.keys import CHANNELS
 from controller.settings import ConnectorInstance
+from controller.store.base import OutboxRow
 from controller.testing import Service
 from controller.testing_graph import (
     FakeGraph,
@@ -51,23 +58,46 @@ def whatsapp_settings(graph: FakeGraph, **overrides: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-async def wa(
-    graph: FakeGraph, make_service: Callable[..., Any]
-) -> tuple[Service, WhatsAppSender, FakeGraph]:
+Setup = tuple[Service, WhatsAppSender, FakeGraph]
+
+
+async def start(
+    make_service: Callable[..., Any], graph: FakeGraph, settings: dict[str, Any], **kw: Any
+) -> Setup:
     # The fake is set up first so it is torn down last: the service stops before it.
     svc: Service = await make_service(
         connectors=[
-            ConnectorInstance(name="whatsapp", type="whatsapp", settings=whatsapp_settings(graph)),
+            ConnectorInstance(name="whatsapp", type="whatsapp", settings=settings),
             ConnectorInstance(name="demo", type="demo_bot"),
         ],
         outbox_backoff_base=0.01,
         outbox_backoff_max=0.05,
         outbox_max_attempts=3,
+        **kw,
     )
     assert svc.http is not None
     sender = WhatsAppSender(svc.http, svc.base_url + "/webhooks/whatsapp", SECRET)
     return svc, sender, graph
+
+
+@pytest.fixture
+async def wa(graph: FakeGraph, make_service: Callable[..., Any]) -> Setup:
+    return await start(make_service, graph, whatsapp_settings(graph))
+
+
+def channel_of(svc: Service) -> WhatsAppChannel:
+    channel = svc.app[CHANNELS]["whatsapp"]
+    assert isinstance(channel, WhatsAppChannel)
+    return channel
+
+
+async def wait_event(svc: Service, cid: str, kind: str, *, timeout: float = 10.0) -> list[Any]:
+    """Wait until the conversation holds an event of ``kind``; return those events."""
+    async with asyncio.timeout(timeout):
+        while not (found := await events_of(svc, cid, kind)):
+            await svc.settle()
+            await asyncio.sleep(0.005)
+    return found
 
 
 async def conversation_of(svc: Service, identity: str, endpoint: str = NUMBER_A) -> str:
@@ -215,7 +245,7 @@ async def test_statuses_become_delivery_status_events(
     ]
     payload = envelope([change(NUMBER_A, statuses=statuses)])
     code, body = await sender.post(payload)
-    assert code == 200 and body["events"] == 4
+    assert code == 200 and body["events"] == 5  # 4 statuses + delivery.failed for 131026
     assert (await sender.post(payload))[1]["events"] == 0  # (id, status) dedupe
     cid = await conversation_of(svc, USER)
     found = await events_of(svc, cid, "delivery.status")
@@ -228,6 +258,9 @@ async def test_statuses_become_delivery_status_events(
     assert found[0].dedupe_key == f"{out}:sent"
     assert found[3].data["error_code"] == 131026
     assert sent.status == 200
+    [failed] = await events_of(svc, cid, "delivery.failed")
+    assert failed.data["reason"] == "invalid_recipient"
+    assert failed.data["wamid"] == "wamid.OUT2"
 
 
 async def test_status_without_open_conversation_is_ignored(
@@ -250,7 +283,7 @@ async def test_rate_limited_send_is_retried_and_delivered_once(
     await sender.post(envelope([change(NUMBER_A, messages=[text_message(USER, "hi", "wamid.R")])]))
     [sent] = await graph.wait_sent(1)
     await svc.settle()
-    assert [r.status for r in graph.requests] == [429, 500, 200]
+    assert [r.status for r in graph.requests if r.is_send] == [429, 500, 200]
     assert len(graph.sent()) == 1 and sent.json["to"] == USER
     assert await svc.store.outbox_rows("dead") == []
 
@@ -484,3 +517,213 @@ async def test_placeholder_secrets_and_bad_settings_refuse_to_start(
     )
     with pytest.raises(ConfigError, match="invalid settings"):
         await make_service(connectors=[inst], profile="prod")
+
+
+# customer-service window, templates ---------------------------------------------------------
+async def test_outside_24h_free_form_fails_before_graph(
+    graph: FakeGraph, make_service: Callable[..., Any], clock: ManualClock
+) -> None:
+    svc, sender, _ = await start(make_service, graph, whatsapp_settings(graph), clock=clock)
+    await sender.post(
+        envelope([change(NUMBER_A, messages=[text_message(USER, "agent", "wamid.H")])])
+    )
+    cid = await conversation_of(svc, USER)
+    alice = await svc.agent("alice")
+    await alice.available()
+    await alice.take(cid)
+    await graph.wait_sent(1, lambda r: "alice" in r.json["text"]["body"])
+    sends = len(graph.requests)
+
+    clock.advance(timedelta(hours=25).total_seconds())
+    ack = await alice.say(cid, "Following up on your refund request.")
+    assert ack["type"] == "ack", ack
+    [failed] = await wait_event(svc, cid, "delivery.failed")
+    assert failed.data["reason"] == "window_closed"
+    [dead] = await svc.store.outbox_rows("dead")
+    assert "window_closed" in dead["last_error"]
+    assert len(graph.requests) == sends  # refused before any Graph call
+    assert not graph.sent(lambda r: "refund" in str(r.json.get("text")))
+
+
+async def test_window_rules_of_send(wa: Setup) -> None:
+    svc, _, graph = wa
+    channel = channel_of(svc)
+    now = channel.context.clock.now()
+    template = {"name": "order_update", "language": "en_US", "parameters": ["A-1042", 3]}
+
+    def out(age: timedelta | None, **extra: Any) -> OutboundMessage:
+        msg = {"id": "m1", "from": "bot", "text": "hello", **extra}
+        last = now - age if age is not None else None
+        return OutboundMessage("cv_1", NUMBER_B, USER, msg, "k1", customer_last_at=last)
+
+    assert await channel.send(out(timedelta(hours=23))) is not None
+    assert await channel.send(out(None)) is not None  # unknown: Graph decides
+    with pytest.raises(ChannelSendError, match=r"^window_closed") as exc:
+        await channel.send(out(timedelta(hours=25)))
+    assert not exc.value.retryable
+    assert await channel.send(out(timedelta(days=3), template=template)) is not None
+    with pytest.raises(ChannelSendError, match="invalid template") as exc:
+        await channel.send(out(timedelta(days=3), template={"name": "x"}))
+    assert not exc.value.retryable
+    sent = graph.sent()
+    assert [r.json["type"] for r in sent] == ["text", "text", "template"]
+    assert sent[2].json["template"] == {
+        "name": "order_update",
+        "language": {"code": "en_US"},
+        "components": [
+            {
+                "type": "body",
+                "parameters": [{"type": "text", "text": "A-1042"}, {"type": "text", "text": "3"}],
+            }
+        ],
+    }
+    assert "text" not in sent[2].json
+
+
+async def test_template_through_the_outbox_outside_the_window(
+    graph: FakeGraph, make_service: Callable[..., Any], clock: ManualClock
+) -> None:
+    """An outbox row whose message carries ``template`` goes out as one, even after 24 h."""
+    svc, _, _ = await start(make_service, graph, whatsapp_settings(graph), clock=clock)
+    last = clock.now()
+    clock.advance(timedelta(days=2).total_seconds())
+    template = {"name": "order_update", "language": "pt_PT", "parameters": ["A-1042"]}
+    payload = {
+        "endpoint": NUMBER_A,
+        "identity": USER,
+        "customer_last_at": last.isoformat(),
+        "message": {"id": "m9", "from": "controller", "text": "", "template": template},
+    }
+    row = OutboxRow(1, "cv_x", "ev_x", 0, "channel:whatsapp", payload, 0)
+    await _deliver_channel(svc.app, row)
+    [sent] = graph.sent()
+    assert sent.json["type"] == "template"
+    assert sent.json["template"]["language"] == {"code": "pt_PT"}
+    assert sent.token == TOKENS[NUMBER_A]
+    free = {**payload, "message": {"id": "m10", "from": "controller", "text": "hi"}}
+    with pytest.raises(ChannelSendError, match=r"^window_closed"):
+        await _deliver_channel(
+            svc.app, OutboxRow(2, "cv_x", "ev_x", 1, "channel:whatsapp", free, 0)
+        )
+    assert len(graph.sent()) == 1
+
+
+async def test_failed_status_131047_is_delivery_failed(wa: Setup) -> None:
+    svc, sender, graph = wa
+    await sender.post(envelope([change(NUMBER_A, messages=[text_message(USER, "hi", "wamid.Q")])]))
+    await graph.wait_sent(1)
+    failed_status = status("wamid.OUT9", "failed", USER, error_code=131047)
+    payload = envelope([change(NUMBER_A, statuses=[failed_status])])
+    assert await sender.post(payload) == (200, {"ok": True, "events": 2})
+    assert (await sender.post(payload))[1]["events"] == 0
+    cid = await conversation_of(svc, USER)
+    [st] = await events_of(svc, cid, "delivery.status")
+    assert st.data["status"] == "failed" and st.data["error_code"] == 131047
+    [failed] = await events_of(svc, cid, "delivery.failed")
+    assert failed.data["reason"] == "window_closed"
+    assert failed.data["wamid"] == "wamid.OUT9" and failed.data["error_code"] == 131047
+
+
+# read receipts ---------------------------------------------------------------------------------
+async def test_incoming_messages_are_marked_read(wa: Setup) -> None:
+    svc, sender, graph = wa
+    batch = [text_message(USER, "one", "wamid.R1"), text_message(USER, "two", "wamid.R2")]
+    await sender.post(envelope([change(NUMBER_B, messages=batch)]))
+    await channel_of(svc).idle()
+    [read] = graph.reads()  # the latest message of the delivery marks the earlier ones too
+    assert read.json == {
+        "messaging_product": "whatsapp",
+        "status": "read",
+        "message_id": "wamid.R2",
+    }
+    assert read.phone_number_id is None and read.path == f"/{graph.version}/{NUMBER_B}/messages"
+    assert read.token == TOKENS[NUMBER_B]
+    assert channel_of(svc).stats["read_sent"] == 1
+
+
+async def test_read_receipt_failure_is_only_logged(wa: Setup) -> None:
+    svc, sender, graph = wa
+    graph.fail_reads = 2
+    with structlog.testing.capture_logs() as logs:
+        await sender.post(
+            envelope([change(NUMBER_A, messages=[text_message(USER, "x", "wamid.F")])])
+        )
+        await channel_of(svc).idle()
+    assert [e for e in logs if e["event"] == "whatsapp_mark_read_failed"]
+    assert channel_of(svc).stats["read_failed"] == 1
+    assert graph.reads() == []
+    await graph.wait_sent(1)  # the conversation goes on
+
+
+async def test_mark_read_can_be_turned_off(
+    graph: FakeGraph, make_service: Callable[..., Any]
+) -> None:
+    off = whatsapp_settings(graph, mark_read=False)
+    svc, sender, _ = await start(make_service, graph, off)
+    await sender.post(envelope([change(NUMBER_A, messages=[text_message(USER, "x", "wamid.N")])]))
+    await graph.wait_sent(1)
+    await channel_of(svc).idle()
+    assert graph.reads() == []
+
+
+async def test_typing_indicator_rides_on_the_read_receipt(
+    graph: FakeGraph, make_service: Callable[..., Any]
+) -> None:
+    svc, sender, _ = await start(
+        make_service, graph, whatsapp_settings(graph, typing_indicator=True)
+    )
+    await sender.post(envelope([change(NUMBER_A, messages=[text_message(USER, "x", "wamid.T")])]))
+    await channel_of(svc).idle()
+    [read] = graph.reads()
+    assert read.json["message_id"] == "wamid.T"
+    assert read.json["typing_indicator"] == {"type": "text"}
+
+
+# media -----------------------------------------------------------------------------------------
+async def test_inbound_media_is_downloaded_after_the_commit(wa: Setup) -> None:
+    svc, sender, graph = wa
+    content = b"\x89PNG\r\n" + bytes(range(256)) * 10
+    graph.media["7301"] = (content, "image/png")
+    image = {"image": {"id": "7301", "mime_type": "image/png", "sha256": "x"}}
+    payload = envelope([change(NUMBER_A, messages=[message(USER, "image", "wamid.M1", image)])])
+    assert (await sender.post(payload))[0] == 200
+    channel = channel_of(svc)
+    await channel.idle()
+    path = channel.media_path("7301")
+    digest = hashlib.sha256(content).hexdigest()
+    assert path == svc.settings.data_dir / "media" / digest
+    assert path.read_bytes() == content
+    assert channel.stats["media_downloaded"] == 1
+    # A redelivery does not download again.
+    await sender.post(payload)
+    await channel.idle()
+    assert len([r for r in graph.requests if r.path == "/media-bytes/7301"]) == 1
+
+
+async def test_media_download_failures_are_logged_and_counted(wa: Setup) -> None:
+    svc, sender, graph = wa
+    graph.media["7302"] = (b"MZ", "application/x-msdownload")
+    messages = [
+        message(USER, "image", "wamid.G1", {"image": {"id": "404404", "mime_type": "image/png"}}),
+        message(
+            USER,
+            "document",
+            "wamid.G2",
+            {"document": {"id": "7302", "mime_type": "application/pdf"}},
+        ),
+        message(
+            USER, "video", "wamid.G3", {"video": {"id": "7304", "mime_type": "application/zip"}}
+        ),
+    ]
+    channel = channel_of(svc)
+    with structlog.testing.capture_logs() as logs:
+        code, body = await sender.post(envelope([change(NUMBER_A, messages=messages)]))
+        assert code == 200 and body["events"] == 3
+        await channel.idle()
+    failed = [e for e in logs if e["event"] == "whatsapp_media_download_failed"]
+    assert {e["media_id"] for e in failed} == {"404404", "7302"}
+    assert channel.stats["media_failed"] == 1  # the 404
+    assert channel.stats["media_refused"] == 2  # the Graph type and the announced type
+    assert channel.media_path("404404") is None and channel.media_path("7302") is None
+    cid = await conversation_of(svc, USER)
+    assert len(await events_of(svc, cid, "customer.message")) == 3

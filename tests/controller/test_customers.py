@@ -188,7 +188,7 @@ async def test_a_web_chat_visitor_is_anonymous_until_identified(service: Service
     )
     assert status == 200 and again["id"] == conv.customer_id
 
-    # Another customer cannot take that identity (merge is not built).
+    # Another customer cannot take that identity (merging is the way).
     _, other, _ = await _call(service, "POST", API, json={"name": "Other"})
     status, err, _ = await _call(
         service,

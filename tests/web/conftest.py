@@ -39,8 +39,22 @@ def _browser_missing() -> str | None:
     return None
 
 
+class Pages:
+    """Pages of one browser, each in its own context (own storage), screenshot on failure."""
+
+    def __init__(self, browser: Any) -> None:
+        self.browser = browser
+        self.pages: list[tuple[str, Any]] = []
+
+    async def new(self, name: str = "page") -> Any:
+        context = await self.browser.new_context()
+        page = await context.new_page()
+        self.pages.append((name, page))
+        return page
+
+
 @pytest.fixture
-async def page(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+async def pages(request: pytest.FixtureRequest) -> AsyncIterator[Pages]:
     missing = _browser_missing()
     if missing:
         if os.environ.get("CI") == "true":
@@ -50,13 +64,19 @@ async def page(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
 
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        context = await browser.new_context()
-        page = await context.new_page()
+        made = Pages(browser)
         try:
-            yield page
+            yield made
         finally:
             failed = getattr(request.node, "rep_call", None)
             if failed is not None and failed.failed:
                 await asyncio.to_thread(ARTIFACTS.mkdir, parents=True, exist_ok=True)
-                await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
+                for name, page in made.pages:
+                    suffix = "" if name == "page" else f"-{name}"
+                    await page.screenshot(path=str(ARTIFACTS / f"{request.node.name}{suffix}.png"))
             await browser.close()
+
+
+@pytest.fixture
+async def page(pages: Pages) -> Any:
+    return await pages.new()

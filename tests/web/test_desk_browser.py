@@ -1,0 +1,147 @@
+"""The agent desk page in a real browser, with the web chat page as the customer."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from controller.clock import ManualClock
+from controller.testing import RULES_DIR, Service
+from tests.web.conftest import Pages
+
+
+async def _agent_token(service: Service, agent_id: str) -> str:
+    """Create the agent through the admin API and return a new token for it."""
+    assert service.http is not None
+    r = await service.http.post(
+        service.base_url + "/api/v1/agents",
+        json={"id": agent_id, "name": agent_id.title(), "capacity": 3},
+        headers=service.admin_headers(),
+    )
+    assert r.status == 200, await r.text()
+    r = await service.http.post(
+        service.base_url + "/api/v1/tokens",
+        json={"role": "agent", "subject": agent_id},
+        headers=service.admin_headers(),
+    )
+    assert r.status == 201, await r.text()
+    return str((await r.json())["token"])
+
+
+async def _sign_in(page: Any, service: Service, token: str) -> None:
+    await page.goto(service.base_url + "/desk")
+    await page.get_by_label("Agent token").fill(token)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.locator("#status", has_text=re.compile(r"^connected$")).wait_for()
+    await page.get_by_label("Presence").select_option("available")
+    await page.locator("#presence[data-confirmed=available]").wait_for(state="attached")
+
+
+async def _accept_and_reply(desk: Any, text: str) -> None:
+    accept = desk.get_by_role("button", name=re.compile(r"^Accept conversation"))
+    await accept.click()
+    await desk.locator("#transcript li.customer", has_text="agent").wait_for()
+    await desk.get_by_label("Reply").fill(text)
+    await desk.get_by_label("Reply").press("Enter")
+    await desk.locator("#transcript li.agent:not(.pending)", has_text=text).wait_for()
+
+
+async def test_agents_serve_the_web_chat_customer_from_the_desk(
+    service: Service, pages: Pages
+) -> None:
+    alice_token = await _agent_token(service, "alice")
+    bob_token = await _agent_token(service, "bob")
+    customer = await pages.new("customer")
+    alice = await pages.new("alice")
+    bob = await pages.new("bob")
+
+    await customer.goto(service.base_url + "/webchat")
+    await customer.locator("#status", has_text=re.compile(r"^connected$")).wait_for()
+    await customer.fill("#text", "agent")
+    await customer.press("#text", "Enter")
+    await customer.locator("li.controller", has_text="in the queue").wait_for()
+
+    await _sign_in(alice, service, alice_token)
+    await _accept_and_reply(alice, "Hello from Alice")
+    await customer.locator("li.agent", has_text="Hello from Alice").wait_for()
+    # The profile beside the chat: a web chat visitor is anonymous.
+    await alice.locator("#profile", has_text="Anonymous").wait_for()
+
+    # Bob is available before Alice leaves, so the conversation is rerouted to him.
+    await _sign_in(bob, service, bob_token)
+    await alice.get_by_role("button", name="Leave").click()
+    await alice.locator("#status", has_text="You left conversation").wait_for()
+    assert await alice.locator("#convs li").count() == 0
+
+    await _accept_and_reply(bob, "Bob here")
+    await customer.locator("li.agent", has_text="Bob here").wait_for()
+    # Bob's desk shows the history, Alice's reply included.
+    await bob.locator("#transcript li.agent", has_text="Hello from Alice").wait_for()
+    texts = await customer.locator("#log li.agent").all_inner_texts()
+    assert [t.split("\n")[-1] for t in texts] == ["Hello from Alice", "Bob here"]
+
+
+async def test_desk_sends_and_edits_suggestions_and_wraps_up(
+    make_service: Callable[..., Any], clock: ManualClock, pages: Pages, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    handoff = "    - route: { queue: support, priority: normal }\n"
+    text = (RULES_DIR / "default.yaml").read_text()
+    assert handoff in text
+    # The bot stays in the conversation as the agent's assistant after the handoff.
+    (rules / "default.yaml").write_text(
+        text.replace(handoff, "    - set_bot_mode: assist\n" + handoff, 1)
+    )
+    service: Service = await make_service(clock=clock, rules_dir=rules)
+    token = await _agent_token(service, "alice")
+    customer = await pages.new("customer")
+    desk = await pages.new("alice")
+
+    await customer.goto(service.base_url + "/webchat")
+    await customer.locator("#status", has_text=re.compile(r"^connected$")).wait_for()
+    await customer.fill("#text", "agent")
+    await customer.press("#text", "Enter")
+    await customer.locator("li.controller", has_text="in the queue").wait_for()
+    await _sign_in(desk, service, token)
+    await _accept_and_reply(desk, "Hi, Alice here")
+
+    # One click sends the bot's suggestion as the agent's message.
+    await customer.fill("#text", "hello")
+    await customer.press("#text", "Enter")
+    send = desk.get_by_role("button", name=re.compile(r"^Send suggestion: Hello!"))
+    await send.click()
+    await customer.locator("li.agent", has_text="Write 'agent' to talk to a person").wait_for()
+    assert await customer.locator("li.bot", has_text="Write 'agent'").count() == 0
+
+    # "Edit" puts the suggestion into the reply box first.
+    await customer.fill("#text", "what now")
+    await customer.press("#text", "Enter")
+    await desk.get_by_role("button", name=re.compile(r"^Edit suggestion: Sorry")).click()
+    reply = desk.get_by_label("Reply")
+    assert (await reply.input_value()).startswith("Sorry")
+    await reply.fill("Let me check that for you")
+    await reply.press("Enter")
+    await customer.locator("li.agent", has_text="Let me check that for you").wait_for()
+
+    # The customer goes away; the conversation is closed into wrap-up; the agent closes it.
+    conversation_id = await desk.locator("#convs button").first.get_attribute("data-conversation")
+    assert conversation_id
+    await customer.close()
+    await service.until(conversation_id, lambda c: "customer_grace" in c.timers)
+    clock.advance(service.settings.timeouts.customer_grace + 1)
+    await service.until(conversation_id, lambda c: c.state == "wrap_up")
+    await desk.locator("#convs button").first.click()  # selecting looks at the state again
+    await desk.locator("#state", has_text="wrap_up").wait_for()
+    await desk.get_by_label("Disposition").select_option("solved")
+    await desk.get_by_role("button", name="Close").click()
+    await desk.locator("#status", has_text="Closed conversation").wait_for()
+    await service.until(conversation_id, lambda c: c.state == "closed")
+    done = [
+        ev.data
+        for ev, _ in await service.store.events(conversation_id)
+        if ev.type == "agent.wrap_up_done"
+    ]
+    assert [d["disposition"] for d in done] == ["solved"]
