@@ -340,9 +340,12 @@ class Router:
 
     async def _cancel_offer(self, offer_id: str) -> None:
         async with self._lock:
-            if self._forget_offer(offer_id) is not None:
+            offer = self._forget_offer(offer_id)
+            if offer is not None:
                 await self._store.resolve_offer(offer_id, "cancelled", "", self._clock.now())
                 self._metrics.offers.labels("cancelled").inc()
+        if offer is not None:
+            await self._push_closed(offer, "cancelled")
         self._wake.set()
 
     async def _loop(self) -> None:
@@ -391,6 +394,20 @@ class Router:
                 )
             if result is not None:
                 self._notify([result.conversation_id])
+            await self._push_closed(offer, "expired")
+
+    async def _push_closed(self, offer: OfferRecord, outcome: str) -> None:
+        """Tell the agent's desk that an offer it shows is gone."""
+        if self._push is not None:
+            await self._push(
+                offer.agent_id,
+                {
+                    "type": "offer_closed",
+                    "offer_id": offer.id,
+                    "conversation_id": offer.conversation_id,
+                    "outcome": outcome,
+                },
+            )
 
     def _pick(self, waiting: _Waiting) -> _Agent | None:
         eligible = [

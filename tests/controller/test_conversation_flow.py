@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from controller.clock import ManualClock
+from controller.settings import TimeoutSettings
 from controller.testing import Service
 
 
@@ -89,6 +93,8 @@ async def test_offer_not_answered_moves_to_the_next_agent(
     await alice.wait_offer(conversation_id)
 
     clock.advance(service.settings.timeouts.offer + 1)
+    closed = await alice.wait_for(lambda f: f["type"] == "offer_closed")
+    assert (closed["conversation_id"], closed["outcome"]) == (conversation_id, "expired")
     await customer.wait_message("controller", "Thank you for waiting")
     await bob.take(conversation_id)
     await customer.wait_message("controller", "now chatting with bob")
@@ -212,3 +218,26 @@ async def test_agent_close_goes_through_wrap_up(
 
 async def _until_state(service: Service, conversation_id: str, state: str) -> None:
     await service.until(conversation_id, lambda c: c.state == state)
+
+
+async def test_an_offer_is_withdrawn_when_the_customer_leaves_the_queue(
+    make_service: Callable[..., Any], clock: ManualClock
+) -> None:
+    # The offer lasts longer than the customer's grace period, so it is withdrawn, not expired.
+    service: Service = await make_service(
+        clock=clock, timeouts=TimeoutSettings(offer=600, customer_grace=60)
+    )
+    customer = await service.customer()
+    alice = await service.agent("alice")
+    await alice.available()
+    conversation_id = (await customer.say("agent"))["conversation_id"]
+    offer = await alice.wait_offer(conversation_id)
+    await customer.close()
+    await service.until(conversation_id, lambda c: "customer_grace" in c.timers)
+    clock.advance(service.settings.timeouts.customer_grace + 1)
+    closed = await alice.wait_for(lambda f: f["type"] == "offer_closed")
+    assert (closed["offer_id"], closed["outcome"]) == (offer["offer_id"], "cancelled")
+    refused = await alice.accept(offer["offer_id"])
+    assert refused["type"] == "error" and refused["code"] == "offer_closed"
+    me = await (await alice.http.get(service.base_url + "/api/v1/agents/me")).json()
+    assert me["offers"] == [] and me["conversations"] == []
