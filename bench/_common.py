@@ -16,10 +16,11 @@ import json
 import os
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from controller.testing import ServiceProcess  # noqa: E402
+from controller.testing import ServiceProcess, free_port  # noqa: E402
 
 SESSION_SECRET = "proc-session-secret"  # what ServiceProcess sets
 
@@ -261,3 +262,52 @@ def work_dir(keep: str | None, prefix: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         return path
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+class BaselineProcess:
+    """A baseline server in a subprocess pinned to ``core``, ready when ``probe`` answers 200.
+
+    ``argv(port)`` gives the script and its arguments (the interpreter is added); ``probe`` is
+    the (method, path) that answers once the server listens.
+    """
+
+    def __init__(self, core: int, argv: Callable[[int], list[str]], probe: tuple[str, str]) -> None:
+        self.core = core
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._argv = argv
+        self._probe = probe
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [sys.executable, *self._argv(self.port)]
+        self.proc = subprocess.Popen(pinned_command(self.core, argv))
+
+    async def wait_ready(self, timeout: float = 30.0) -> float:
+        """Seconds until the probe answered 200."""
+        started = time.monotonic()
+        method, path = self._probe
+        async with aiohttp.ClientSession() as http:
+            while True:
+                assert self.proc is not None
+                if self.proc.poll() is not None:
+                    raise RuntimeError("baseline server exited")
+                try:
+                    async with http.request(method, self.base_url + path) as r:
+                        if r.status == 200:
+                            return time.monotonic() - started
+                except aiohttp.ClientError:
+                    pass
+                if time.monotonic() - started > timeout:
+                    raise RuntimeError("baseline server did not start")
+                await asyncio.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)

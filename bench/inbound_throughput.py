@@ -50,7 +50,6 @@ import json
 import os
 import secrets
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,8 +61,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C
 from _common import PinnedService, fmt, percentile
-
-from controller.testing import free_port
 
 TEXT = "what are your opening hours?"  # the demo bot answers "hours" (no handoff, no end)
 
@@ -125,44 +122,11 @@ def echo_server_main(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-class EchoServer:
-    def __init__(self, core: int) -> None:
-        self.core = core
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            C.pinned_command(self.core, [sys.executable, __file__, "--echo-server", str(self.port)])
-        )
-
-    async def wait_ready(self, timeout: float = 30.0) -> float:
-        started = time.monotonic()
-        async with aiohttp.ClientSession() as http:
-            while True:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError("echo server exited")
-                try:
-                    async with http.post(self.base_url + "/webchat/session") as r:
-                        if r.status == 200:
-                            return time.monotonic() - started
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() - started > timeout:
-                    raise RuntimeError("echo server did not start")
-                await asyncio.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+def echo_server(core: int) -> C.BaselineProcess:
+    """The bare aiohttp echo baseline, pinned to ``core``."""
+    return C.BaselineProcess(
+        core, lambda port: [__file__, "--echo-server", str(port)], ("POST", "/webchat/session")
+    )
 
 
 # the load generator -------------------------------------------------------------------------
@@ -500,7 +464,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         service.terminate()
     out["data_dir"] = str(data)
 
-    echo = EchoServer(core)
+    echo = echo_server(core)
     echo.start()
     try:
         await echo.wait_ready()

@@ -43,7 +43,6 @@ import hmac
 import itertools
 import json
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,6 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
-from controller.testing import free_port
 from controller.testing_graph import FakeGraph, change, envelope, signature
 
 PHONE_NUMBER_ID = "106540352242922"
@@ -85,43 +83,11 @@ def baseline_main(port: int, app_secret: str) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-class Baseline:
-    def __init__(self, core: int) -> None:
-        self.core = core
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        argv = [sys.executable, __file__, "--baseline", str(self.port), APP_SECRET]
-        self.proc = subprocess.Popen(C.pinned_command(self.core, argv))
-
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        started = time.monotonic()
-        async with aiohttp.ClientSession() as http:
-            while True:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError("baseline exited")
-                try:
-                    async with http.get(self.base_url + "/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() - started > timeout:
-                    raise RuntimeError("baseline did not start")
-                await asyncio.sleep(0.05)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+def baseline_server(core: int) -> C.BaselineProcess:
+    """The signature-only aiohttp baseline, pinned to ``core``."""
+    return C.BaselineProcess(
+        core, lambda port: [__file__, "--baseline", str(port), APP_SECRET], ("GET", "/readyz")
+    )
 
 
 # the load generator ---------------------------------------------------------------------------
@@ -271,7 +237,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await graph.stop()
     out["data_dir"] = str(data)
 
-    baseline = Baseline(core)
+    baseline = baseline_server(core)
     baseline.start()
     try:
         await baseline.wait_ready()
