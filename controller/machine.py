@@ -277,6 +277,8 @@ class Decider:
             self._to_agents(
                 w, "message", "agent", agent_id, msg.text, message_id=msg.id, exclude=agent_id
             )
+        elif kind == "agent.transferred":
+            self._transfer(w, str(data.get("agent_id")), data.get("to_queue"), data.get("to_agent"))
         elif kind == "agent.left":
             self._remove(w, "agent", str(data.get("agent_id")), emit=False)
         elif kind in ("agent.disconnected", "agent.reconnected"):
@@ -289,6 +291,23 @@ class Decider:
             self._release_all(w)
         elif kind == "timer.fired":
             conv.timers.pop(str(data.get("name")), None)
+
+    def _transfer(self, w: _Work, agent_id: str, to_queue: Any, to_agent: Any) -> None:
+        """An agent hands the conversation on, to a queue or to another agent, and leaves."""
+        conv = w.conv
+        if conv.find("agent", agent_id) is None:
+            raise Refused(f"agent {agent_id} is not in the conversation")
+        if to_queue:
+            self.transition(conv, "transfer_to_queue")
+            self._leave_for_queue(w)
+            conv.queue = str(to_queue)
+            conv.enqueued_at = w.now
+        else:
+            self.transition(conv, "transfer_to_agent")
+            self._remove(w, "agent", agent_id, emit=True, reason="transferred")
+            self._add_agent(w, str(to_agent), primary=True)
+            w.assigned.add(str(to_agent))
+        w.route_or_close = True
 
     def _after_close(self, w: _Work) -> None:
         """A message that reached a conversation closed just before it was decided.

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 import structlog
 from aiohttp import WSMsgType, web
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from controller.api.common import Principal, authenticate, read_json, request_hash
 from controller.errors import ConvctlError, Forbidden, NotFound, RequestError
@@ -71,8 +71,24 @@ class WrapUp(_Cmd):
     disposition: str = Field(min_length=1, max_length=100)
 
 
+class Transfer(_Cmd):
+    """Hand the conversation to a queue or straight to another agent; the sender leaves it."""
+
+    type: Literal["transfer"] = "transfer"
+    conversation_id: str = Field(min_length=1, max_length=100)
+    queue: str | None = Field(None, min_length=1, max_length=100)
+    agent: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Transfer:
+        if (self.queue is None) == (self.agent is None):
+            raise ValueError("give exactly one of queue or agent")
+        return self
+
+
 Command = Annotated[
-    Presence | Accept | Decline | SendMessage | Leave | WrapUp, Field(discriminator="type")
+    Presence | Accept | Decline | SendMessage | Leave | WrapUp | Transfer,
+    Field(discriminator="type"),
 ]
 _COMMAND = TypeAdapter(Command)
 
@@ -99,6 +115,11 @@ async def run_command(
         kind, data["text"] = "agent.message", cmd.text
     elif isinstance(cmd, Leave):
         kind, data["reason"] = "agent.left", cmd.reason
+    elif isinstance(cmd, Transfer):
+        if cmd.agent is not None and not app[ROUTER].agent_known(cmd.agent):
+            raise NotFound(f"unknown agent {cmd.agent!r}", code="unknown_agent")
+        kind = "agent.transferred"
+        data.update({"to_queue": cmd.queue, "to_agent": cmd.agent})
     else:
         kind, data["disposition"] = "agent.wrap_up_done", cmd.disposition
     event = NewEvent(
@@ -208,6 +229,29 @@ async def wrap_up(request: web.Request) -> web.Response:
     cmd = WrapUp(
         conversation_id=request.match_info["conversation_id"], disposition=body.disposition
     )
+    result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
+    return web.json_response(result, status=200 if result["duplicate"] else 202)
+
+
+class _TransferBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    queue: str | None = Field(None, min_length=1, max_length=100)
+    agent: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+async def transfer(request: web.Request) -> web.Response:
+    principal = await _agent(request)
+    body = await read_json(request, _TransferBody)
+    try:
+        cmd = Transfer(
+            conversation_id=request.match_info["conversation_id"],
+            queue=body.queue,
+            agent=body.agent,
+        )
+    except ValidationError as exc:
+        raise RequestError(
+            "give exactly one of queue or agent", code="invalid_body", status=422
+        ) from exc
     result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
     return web.json_response(result, status=200 if result["duplicate"] else 202)
 
@@ -357,4 +401,5 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/v1/conversations/{conversation_id}/messages", post_message),
         web.post("/api/v1/conversations/{conversation_id}/leave", leave),
         web.post("/api/v1/conversations/{conversation_id}/wrap-up", wrap_up),
+        web.post("/api/v1/conversations/{conversation_id}/transfer", transfer),
     ]
