@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -311,3 +312,25 @@ class BaselineProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+def run_service_bench(
+    parser: argparse.ArgumentParser,
+    main_async: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    report: Callable[[dict[str, Any]], None],
+    *,
+    core_help: str,
+    drain_timeout: float,
+    drain_help: str,
+) -> None:
+    """Add the options every service benchmark shares, run it, print the table or JSON."""
+    parser.add_argument("--core", type=int, default=None, help=core_help)
+    parser.add_argument("--drain-timeout", type=float, default=drain_timeout, help=drain_help)
+    parser.add_argument("--data-dir", help="keep the service's data here (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    out = asyncio.run(main_async(args))
+    if args.json:
+        emit_json(out)
+    else:
+        report(out)

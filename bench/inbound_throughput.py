@@ -554,21 +554,14 @@ def main() -> None:
         default=0.5,
         help="open-loop rate as a fraction of the service's peak",
     )
-    parser.add_argument("--core", type=int, default=None, help="core for server and baseline")
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=300.0,
-        help="max seconds to wait for the service to finish its backlog",
+    C.run_service_bench(
+        parser,
+        main_async,
+        report,
+        core_help="core for server and baseline",
+        drain_timeout=300.0,
+        drain_help="max seconds to wait for the service to finish its backlog",
     )
-    parser.add_argument("--data-dir", help="keep the service's data here (default: a temp dir)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args()
-    out = asyncio.run(main_async(args))
-    if args.json:
-        C.emit_json(out)
-    else:
-        report(out)
 
 
 if __name__ == "__main__":

@@ -267,16 +267,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=500, help="conversations before measuring")
     parser.add_argument("--concurrency", type=int, default=32, help="visitors in flight")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before each RSS read")
-    parser.add_argument("--core", type=int, default=None, help="core for the service")
-    parser.add_argument("--drain-timeout", type=float, default=1800.0)
-    parser.add_argument("--data-dir", help="keep the service's data here (default: a temp dir)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args()
-    out = asyncio.run(main_async(args))
-    if args.json:
-        C.emit_json(out)
-    else:
-        report(out)
+    C.run_service_bench(
+        parser,
+        main_async,
+        report,
+        core_help="core for the service",
+        drain_timeout=1800.0,
+        drain_help="max seconds to wait for the service to finish its backlog",
+    )
 
 
 if __name__ == "__main__":

@@ -299,21 +299,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each window")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 20], help="messages per POST")
     parser.add_argument("--customers", type=int, default=200, help="distinct senders (wa_id)")
-    parser.add_argument("--core", type=int, default=None, help="core for server and baseline")
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=120.0,
-        help="max seconds to wait for the service's backlog between phases",
+    C.run_service_bench(
+        parser,
+        main_async,
+        report,
+        core_help="core for server and baseline",
+        drain_timeout=120.0,
+        drain_help="max seconds to wait for the service's backlog between phases",
     )
-    parser.add_argument("--data-dir", help="keep the service's data here (default: a temp dir)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args()
-    out = asyncio.run(main_async(args))
-    if args.json:
-        C.emit_json(out)
-    else:
-        report(out)
 
 
 if __name__ == "__main__":
