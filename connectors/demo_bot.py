@@ -7,10 +7,10 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from connectors.base import Bot, BotReply, BotRequest, ConnectorSettings
+from connectors.base import Bot, BotMessage, BotReply, BotRequest, BotSettings, ConnectorSettings
 
 
-class DemoBotSettings(ConnectorSettings):
+class DemoBotSettings(BotSettings):
     replies: dict[str, str] = Field(
         default_factory=lambda: {
             "hi": "Hello! I am the demo bot. Ask me about 'hours' or 'prices', or write "
@@ -34,7 +34,7 @@ class DemoBot(Bot):
     """Answers by the first known keyword in the message, in the order words appear."""
 
     settings_model: ClassVar[type[ConnectorSettings]] = DemoBotSettings
-    settings: DemoBotSettings
+    settings: DemoBotSettings  # type: ignore[assignment]
 
     async def ask(self, request: BotRequest) -> BotReply:
         words = _WORD.findall(request.text.lower())
@@ -42,14 +42,17 @@ class DemoBot(Bot):
         for word in words:
             if word in s.handoff_keywords:
                 return BotReply(
-                    messages=(s.handoff_reply,), handoff=True, intent="handoff", confidence=1.0
+                    messages=(BotMessage(s.handoff_reply),),
+                    handoff=True,
+                    intent="handoff",
+                    confidence=1.0,
                 )
         for word in words:
             if word in s.replies:
                 return BotReply(
-                    messages=(s.replies[word],),
+                    messages=(BotMessage(s.replies[word]),),
                     ended=word in s.end_keywords,
                     intent=word,
                     confidence=1.0,
                 )
-        return BotReply(messages=(s.fallback,), intent="fallback", confidence=0.0)
+        return BotReply(messages=(BotMessage(s.fallback),), intent="fallback", confidence=0.0)

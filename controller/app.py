@@ -15,7 +15,6 @@ from aiohttp import web
 
 from connectors.base import (
     Bot,
-    BotRequest,
     Channel,
     Connector,
     ConnectorContext,
@@ -27,11 +26,13 @@ from controller.api import admin, agents, conversations, customers, health
 from controller.api import rules as rules_api
 from controller.api.common import errors_middleware, hash_token
 from controller.api.desk import DeskHub
+from controller.bots import BotGateway
 from controller.clock import Clock, SystemClock
 from controller.customers import CustomerProfiles
-from controller.errors import BotError, ConfigError, RequestError
+from controller.errors import ConfigError, RequestError
 from controller.inbox import Inbox
 from controller.keys import (
+    BOT_GATEWAY,
     BOTS,
     CHANNELS,
     CLOCK,
@@ -102,6 +103,7 @@ def _add_connector_routes(app: web.Application) -> None:
     bots: dict[str, Bot] = {}
     context = ConnectorContext(
         submit=lambda events: _submit(app, events),
+        bot_reply=lambda answer: app[BOT_GATEWAY].callback(answer),
         clock=app[CLOCK],
         session_secret=settings.session_secret,
         allowed_origins=settings.allowed_origins,
@@ -226,11 +228,8 @@ async def _connectors_ctx(app: web.Application) -> AsyncIterator[None]:
         lambda row: _deliver_channel(app, row),
         on_dead=lambda row, err: _channel_failed(app, row, err),
     )
-    dispatcher.register(
-        "bot",
-        lambda row: _deliver_bot(app, row),
-        on_dead=lambda row, err: _bot_failed(app, row, err),
-    )
+    gateway = app[BOT_GATEWAY] = BotGateway(app[BOTS], app[CLOCK], app[METRICS], app[INBOX])
+    dispatcher.register("bot", gateway.deliver, on_dead=gateway.failed, policy=gateway.policy)
     dispatcher.register("desk", lambda row: _deliver_desk(app, row))
     yield
     await session.close()
@@ -340,67 +339,6 @@ async def _dead_letter_event(
         )
     except RequestError as exc:  # e.g. the conversation closed meanwhile
         log.info("dead_letter_event_not_stored", kind=kind, refused=exc.code)
-
-
-async def _deliver_bot(app: web.Application, row: OutboxRow) -> None:
-    name = row.destination.split(":", 1)[1]
-    bot = app[BOTS].get(name)
-    if bot is None:
-        raise BotError(f"no bot instance {name!r}", retryable=False)
-    p = row.payload
-    reply = await bot.ask(
-        BotRequest(
-            conversation_id=row.conversation_id,
-            text=str(p.get("text", "")),
-            language=str(p.get("language", "en")),
-            mode=str(p.get("mode", "direct")),
-            reply_to_seq=int(p.get("reply_to_seq", 0)),
-            idempotency_key=row.idempotency_key,
-        )
-    )
-    source = f"bot:{name}"
-    common = {
-        "bot": name,
-        "intent": reply.intent,
-        "confidence": reply.confidence,
-        "slots": reply.slots,
-        "reply_to_seq": p.get("reply_to_seq"),
-    }
-    events = [
-        NewEvent(
-            type="bot.message",
-            source=source,
-            dedupe_key=f"{row.idempotency_key}:{i}",
-            conversation_id=row.conversation_id,
-            data={**common, "text": text},
-        )
-        for i, text in enumerate(reply.messages)
-    ]
-    if p.get("mode") == "direct":
-        for flag, kind in ((reply.handoff, "bot.handoff"), (reply.ended, "bot.ended")):
-            if flag:
-                events.append(
-                    NewEvent(
-                        type=kind,  # type: ignore[arg-type]
-                        source=source,
-                        dedupe_key=f"{row.idempotency_key}:{kind}",
-                        conversation_id=row.conversation_id,
-                        data=common,
-                    )
-                )
-    if events:
-        await app[INBOX].submit(events)
-
-
-async def _bot_failed(app: web.Application, row: OutboxRow, error: str) -> None:
-    name = row.destination.split(":", 1)[1]
-    await _dead_letter_event(
-        app,
-        row,
-        "bot.failed",
-        f"bot:{name}",
-        {"bot": name, "reason": error[:500], "reply_to_seq": row.payload.get("reply_to_seq")},
-    )
 
 
 async def _deliver_desk(app: web.Application, row: OutboxRow) -> None:

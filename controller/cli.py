@@ -151,7 +151,7 @@ def _known_bots(settings: Settings) -> list[str]:
     return [
         connector.name
         for connector in settings.connectors
-        if connector.type in types and types[connector.type].kind == "bot"
+        if connector.type in types and getattr(types.get(connector.type), "kind", "") == "bot"
     ]
 
 

@@ -14,6 +14,7 @@ from controller.settings import Settings
 if TYPE_CHECKING:
     from connectors.base import Bot, Channel, ConnectorContext
     from controller.api.desk import DeskHub
+    from controller.bots import BotGateway
     from controller.customers import CustomerProfiles
     from controller.inbox import Inbox
     from controller.outbox import Dispatcher
@@ -37,6 +38,7 @@ DESK: web.AppKey[DeskHub] = web.AppKey("desk")
 HTTP: web.AppKey[aiohttp.ClientSession] = web.AppKey("http")
 CHANNELS: web.AppKey[dict[str, Channel]] = web.AppKey("channels")
 BOTS: web.AppKey[dict[str, Bot]] = web.AppKey("bots")
+BOT_GATEWAY: web.AppKey[BotGateway] = web.AppKey("bot_gateway")
 READY: web.AppKey[dict[str, Any]] = web.AppKey("ready")
 CONNECTOR_CONTEXT: web.AppKey[ConnectorContext] = web.AppKey("connector_context")
 CUSTOMERS: web.AppKey[CustomerProfiles] = web.AppKey("customers")

@@ -11,6 +11,7 @@ the machine object is rebuilt after a conversation closes (once per conversation
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -106,6 +107,22 @@ def _copy(conv: Conversation) -> Conversation:
     )
 
 
+def _content(data: dict[str, Any]) -> dict[str, Any] | None:
+    """What a bot message shows besides text: buttons (``{"id", "title"}``) and an image."""
+    content: dict[str, Any] = {}
+    buttons = [
+        {"id": str(b.get("payload") or b.get("id") or b["title"]), "title": str(b["title"])}
+        for b in data.get("buttons") or ()
+        if isinstance(b, dict) and b.get("title")
+    ]
+    if buttons:
+        content["buttons"] = buttons
+    image = data.get("image")
+    if isinstance(image, str) and image:
+        content["image"] = image
+    return content or None
+
+
 class Refused(Exception):
     """An action or event that the conversation's state does not allow."""
 
@@ -173,6 +190,7 @@ class Decider:
         try:
             self._apply_event(work)
         except Refused as exc:
+            log.info("event_refused", type=event.type, reason=str(exc), state=conv.state)
             work.record.refused.append(
                 {"rule": None, "action": f"event:{event.type}", "reason": str(exc)}
             )
@@ -231,6 +249,9 @@ class Decider:
             conv.last_customer_message_at = w.now
             text = str(data.get("text", ""))
             self._transcript(w, "customer", conv.customer_id, text)
+            # A tapped button or quick reply goes to the bot as its payload (what the bot
+            # offered), the customer's transcript keeps the title they saw.
+            asked = str(data.get("reply_id") or data.get("payload") or text)
             for p in conv.participants:
                 if p.role == "bot":
                     self._outbox(
@@ -239,9 +260,15 @@ class Decider:
                         {
                             "bot": p.id,
                             "mode": p.mode,
-                            "text": text,
+                            "text": asked,
                             "reply_to_seq": ev.seq,
                             "language": conv.language,
+                            "channel": conv.channel,
+                            "customer_id": conv.customer_id,
+                            "attributes": {
+                                k: v if isinstance(v, str) else json.dumps(v)
+                                for k, v in conv.attributes.items()
+                            },
                         },
                     )
             self._to_agents(w, "message", "customer", conv.customer_id, text, message_id=None)
@@ -250,16 +277,24 @@ class Decider:
         elif kind == "customer.returned":
             self._customer_present(w, True)
         elif kind == "bot.message":
-            bot = conv.find("bot", str(data.get("bot", "")))
-            if bot is None:
-                raise Refused("the bot is no longer in the conversation; its reply is dropped")
+            bot = self._answering_bot(w)
             text = str(data.get("text", ""))
-            if bot.mode == "direct" and bot.primary:
-                msg = self._transcript(w, "bot", bot.id, text)
+            content = _content(data)
+            if not text and content is None:
+                pass  # a custom payload only: for the rules, never shown
+            elif bot.mode == "direct" and bot.primary:
+                msg = self._transcript(w, "bot", bot.id, text, content=content)
                 self._to_customer(w, msg)
                 self._to_agents(w, "message", "bot", bot.id, text, message_id=msg.id)
             else:
                 self._to_agents(w, "suggestion", "bot", bot.id, text, message_id=None)
+        elif kind in ("bot.handoff", "bot.ended"):
+            bot = self._answering_bot(w)
+            if not (bot.mode == "direct" and bot.primary):
+                raise Refused(f"bot {bot.id} is assisting; only the serving bot hands over or ends")
+        elif kind == "bot.failed":
+            if conv.find("bot", str(data.get("bot", ""))) is None:
+                raise Refused("the bot is no longer in the conversation")
         elif kind == "agent.accepted":
             agent_id = str(data.get("agent_id"))
             try:
@@ -291,6 +326,29 @@ class Decider:
             self._release_all(w)
         elif kind == "timer.fired":
             conv.timers.pop(str(data.get("name")), None)
+
+    def _answering_bot(self, w: _Work) -> Participant:
+        """The bot an answer comes from; refuses an answer the conversation has moved past.
+
+        Answers carry the sequence number of the customer message they answer; once a bot has
+        answered a newer message, an answer to an older one is late and dropped. What the bot
+        asks to keep (session attributes) is merged into the conversation's attributes.
+        """
+        conv, data = w.conv, w.event.data
+        bot = conv.find("bot", str(data.get("bot", "")))
+        if bot is None:
+            raise Refused("the bot is no longer in the conversation; its answer is dropped")
+        seq = data.get("reply_to_seq")
+        if isinstance(seq, int):
+            if seq < bot.answered_seq:
+                raise Refused(
+                    f"late answer to message {seq}: bot {bot.id} has answered {bot.answered_seq}"
+                )
+            bot.answered_seq = seq
+        attributes = data.get("attributes")
+        if isinstance(attributes, dict) and attributes:
+            conv.attributes = {**conv.attributes, **attributes}
+        return bot
 
     def _transfer(self, w: _Work, agent_id: str, to_queue: Any, to_agent: Any) -> None:
         """An agent hands the conversation on, to a queue or to another agent, and leaves."""
@@ -512,7 +570,13 @@ class Decider:
             self._emit(w, "conversation.unattended", {"state": conv.state})
 
     def _transcript(
-        self, w: _Work, role: str, sender: str, text: str, visibility: str = "all"
+        self,
+        w: _Work,
+        role: str,
+        sender: str,
+        text: str,
+        visibility: str = "all",
+        content: dict[str, Any] | None = None,
     ) -> Message:
         msg = Message(
             id=w.next_id(),
@@ -522,6 +586,7 @@ class Decider:
             text=text,
             created_at=w.now,
             visibility=visibility,
+            content=content,
         )
         w.record.messages.append(msg)
         return msg
@@ -545,6 +610,7 @@ class Decider:
                     "sender_id": msg.sender_id,
                     "text": msg.text,
                     "at": msg.created_at.isoformat(),
+                    **(msg.content or {}),
                 },
             },
         )

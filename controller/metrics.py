@@ -50,6 +50,26 @@ class Metrics:
             registry=r,
         )
         self.timers_fired = Counter("convctl_timers_fired", "Timers fired", registry=r)
+        self.bot_requests = Counter(
+            "convctl_bot_requests",
+            "Questions to bots by outcome (answered, pending, timeout, error, circuit_open, "
+            "callback)",
+            ["bot", "outcome"],
+            registry=r,
+        )
+        self.bot_seconds = Histogram(
+            "convctl_bot_seconds",
+            "Time a bot took to answer (or accept) a question",
+            ["bot"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
+        self.bot_circuit_open = Gauge(
+            "convctl_bot_circuit_open",
+            "1 while a bot's circuit breaker is open",
+            ["bot"],
+            registry=r,
+        )
         self.timers_pending = Gauge("convctl_timers_pending", "Timers waiting", registry=r)
         self.queue_length = Gauge(
             "convctl_queue_length", "Conversations waiting in a queue", ["queue"], registry=r

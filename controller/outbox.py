@@ -12,6 +12,7 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
@@ -38,6 +39,18 @@ Handler = Callable[[OutboxRow], Awaitable[None]]
 DeadHandler = Callable[[OutboxRow, str], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often, and how far apart, deliveries to one destination are tried."""
+
+    max_attempts: int
+    backoff_base: float
+    backoff_max: float
+
+
+PolicyLookup = Callable[[str], "RetryPolicy | None"]
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -59,6 +72,7 @@ class Dispatcher:
         self._batch = batch
         self._handlers: dict[str, Handler] = {}
         self._on_dead: dict[str, DeadHandler] = {}
+        self._policies: dict[str, PolicyLookup] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lanes: dict[tuple[str, str], deque[tuple[OutboxRow, bool]]] = {}
@@ -69,11 +83,28 @@ class Dispatcher:
         self._rng = random.Random()
         self.delivered = 0
 
-    def register(self, prefix: str, handler: Handler, on_dead: DeadHandler | None = None) -> None:
-        """Deliver rows whose destination is ``prefix`` or starts with ``prefix:``."""
+    def register(
+        self,
+        prefix: str,
+        handler: Handler,
+        on_dead: DeadHandler | None = None,
+        policy: PolicyLookup | None = None,
+    ) -> None:
+        """Deliver rows whose destination is ``prefix`` or starts with ``prefix:``.
+
+        ``policy`` gives a destination its own attempts and backoff (bots answer within
+        seconds or not at all); the dispatcher's defaults apply where it gives None.
+        """
         self._handlers[prefix] = handler
         if on_dead is not None:
             self._on_dead[prefix] = on_dead
+        if policy is not None:
+            self._policies[prefix] = policy
+
+    def _policy(self, prefix: str, destination: str) -> RetryPolicy:
+        lookup = self._policies.get(prefix)
+        found = lookup(destination) if lookup is not None else None
+        return found or RetryPolicy(self._max_attempts, self._backoff_base, self._backoff_max)
 
     def wake(self, *_: object) -> None:
         self._wake.set()
@@ -208,8 +239,9 @@ class Dispatcher:
             retryable = getattr(exc, "retryable", isinstance(exc, (OSError, TimeoutError)))
             error = f"{type(exc).__name__}: {exc}"
             attempts = row.attempts + 1
-            if retryable and attempts < self._max_attempts:
-                delay = min(self._backoff_max, self._backoff_base * 2 ** (attempts - 1))
+            policy = self._policy(prefix, row.destination)
+            if retryable and attempts < policy.max_attempts:
+                delay = min(policy.backoff_max, policy.backoff_base * 2 ** (attempts - 1))
                 delay *= 0.5 + self._rng.random() / 2
                 at = self._clock.now() + timedelta(seconds=delay)
                 await self._store.outbox_retry(row.id, at, error)

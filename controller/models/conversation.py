@@ -29,6 +29,9 @@ class Participant(BaseModel):
     primary: bool = False
     present: bool = True
     joined_at: datetime
+    # Bots: the sequence number of the newest customer message answered, so an answer to an
+    # older message that arrives late is dropped instead of delivered out of turn.
+    answered_seq: int = 0
 
 
 class TimerRef(BaseModel):

@@ -87,6 +87,8 @@ class Message:
     text: str
     created_at: datetime
     visibility: str = "all"  # "all" or "agents" (whispers, suggestions)
+    # What it shows besides text: {"buttons": [{"id", "title"}], "image": url}; None if none.
+    content: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)

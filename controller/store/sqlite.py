@@ -413,6 +413,7 @@ class SqliteStore(Store):
                     text=r["text"],
                     created_at=_dt(r["created_at"]),
                     visibility=r["visibility"],
+                    content=json.loads(r["content"]) if r["content"] else None,
                 )
                 for r in rows
             ]
@@ -1322,7 +1323,8 @@ def _commit_decision(conn: sqlite3.Connection, rec: DecisionRecord, now: datetim
         conn.execute("DELETE FROM timers WHERE conversation_id = ?", (after.id,))
     if rec.messages:
         conn.executemany(
-            "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (id, conversation_id, sender_role, sender_id, text, "
+            "visibility, created_at, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     m.id,
@@ -1332,6 +1334,7 @@ def _commit_decision(conn: sqlite3.Connection, rec: DecisionRecord, now: datetim
                     m.text,
                     m.visibility,
                     _ts(m.created_at),
+                    json.dumps(m.content) if m.content else None,
                 )
                 for m in rec.messages
             ],
