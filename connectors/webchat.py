@@ -50,6 +50,8 @@ class _Frame(BaseModel):
     type: str
     client_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
     text: str = Field(min_length=1)
+    # A tapped button: what the button stands for (its payload), sent along with its title.
+    payload: str | None = Field(default=None, min_length=1, max_length=1024)
 
 
 class _RateLimiter:
@@ -77,7 +79,7 @@ class _RateLimiter:
 
 
 class WebChatChannel(Channel):
-    capabilities: ClassVar[frozenset[str]] = frozenset({"text"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"text", "buttons", "images"})
     settings_model: ClassVar[type[ConnectorSettings]] = WebChatSettings
     settings: WebChatSettings
 
@@ -224,7 +226,11 @@ class WebChatChannel(Channel):
                         instance=self.name,
                         endpoint=ENDPOINT,
                         identity=visitor,
-                        data={"text": frame.text, "client_id": frame.client_id},
+                        data={
+                            "text": frame.text,
+                            "client_id": frame.client_id,
+                            **({"reply_id": frame.payload} if frame.payload else {}),
+                        },
                     )
                 ]
             )

@@ -149,7 +149,13 @@ async def _history(
         "state": conv.state if conv else None,
         "customer_present": conv.customer_present if conv else False,
         "messages": [
-            {"id": m.id, "from": m.sender_role, "text": m.text, "at": m.created_at.isoformat()}
+            {
+                "id": m.id,
+                "from": m.sender_role,
+                "text": m.text,
+                "at": m.created_at.isoformat(),
+                **(m.content or {}),
+            }
             for m in messages
         ],
     }
@@ -282,12 +288,18 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
     if channel is None:
         raise ConfigError(f"no channel instance {instance!r}")
     last_at = row.payload.get("customer_last_at")  # absent in rows queued before it existed
+    message = dict(row.payload["message"])
+    image = message.get("image")
+    if image and "images" not in channel.capabilities:
+        # A channel that cannot show an image gets its address as text.
+        message.pop("image")
+        message["text"] = "\n".join(t for t in (message.get("text"), str(image)) if t)
     await channel.send(
         OutboundMessage(
             conversation_id=row.conversation_id,
             endpoint=str(row.payload.get("endpoint", "")),
             identity=str(row.payload.get("identity", "")),
-            message=dict(row.payload["message"]),
+            message=message,
             idempotency_key=row.idempotency_key,
             customer_last_at=datetime.fromisoformat(last_at) if isinstance(last_at, str) else None,
         )

@@ -46,6 +46,19 @@ def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+def rules_with_assisting_bot(folder: Path) -> Path:
+    """The default rules, changed so the bot stays on as the agent's assistant at handoff."""
+    folder.mkdir(parents=True, exist_ok=True)
+    handoff = "    - route: { queue: support, priority: normal }\n"
+    text = (RULES_DIR / "default.yaml").read_text()
+    if handoff not in text:
+        raise AssertionError("the default rules no longer route a handoff as expected")
+    (folder / "default.yaml").write_text(
+        text.replace(handoff, "    - set_bot_mode: assist\n" + handoff, 1)
+    )
+    return folder
+
+
 class Service:
     """The app served on an ephemeral 127.0.0.1 port, in this process."""
 
@@ -201,11 +214,17 @@ class WebChatClient(FrameReader):
         self.start(ws)
         await self.wait_for(lambda f: f["type"] == "history")
 
-    async def say(self, text: str, client_id: str | None = None) -> Frame:
+    async def say(
+        self, text: str, client_id: str | None = None, *, payload: str | None = None
+    ) -> Frame:
+        """Write ``text`` (with ``payload``: tap the button of that payload and title)."""
         cid = client_id or secrets.token_hex(8)
         assert self.ws is not None
         seen = len(self.frames)
-        await self.ws.send_json({"type": "message", "client_id": cid, "text": text})
+        frame = {"type": "message", "client_id": cid, "text": text}
+        if payload is not None:
+            frame["payload"] = payload
+        await self.ws.send_json(frame)
         return await self.wait_for(
             lambda f: f.get("client_id") == cid and f["type"] in ("ack", "error"), after=seen
         )

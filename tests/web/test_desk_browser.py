@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.clock import ManualClock
-from controller.testing import RULES_DIR, Service
+from controller.testing import Service, rules_with_assisting_bot
 from tests.web.conftest import Pages
 
 
@@ -86,15 +86,7 @@ async def test_agents_serve_the_web_chat_customer_from_the_desk(
 async def test_desk_sends_and_edits_suggestions_and_wraps_up(
     make_service: Callable[..., Any], clock: ManualClock, pages: Pages, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    handoff = "    - route: { queue: support, priority: normal }\n"
-    text = (RULES_DIR / "default.yaml").read_text()
-    assert handoff in text
-    # The bot stays in the conversation as the agent's assistant after the handoff.
-    (rules / "default.yaml").write_text(
-        text.replace(handoff, "    - set_bot_mode: assist\n" + handoff, 1)
-    )
+    rules = rules_with_assisting_bot(tmp_path / "rules")
     service: Service = await make_service(clock=clock, rules_dir=rules)
     token = await _agent_token(service, "alice")
     customer = await pages.new("customer")
