@@ -29,6 +29,7 @@ FIELDS: Mapping[str, FieldType] = {
     "event.app": "str",
     "event.intent": "str",
     "event.confidence": "num",
+    "event.queue": "str",
     "event.status": "str",
     "event.disposition": "str",
     # the conversation it belongs to
@@ -72,7 +73,12 @@ FIELDS: Mapping[str, FieldType] = {
 }
 
 # Free-form maps: any key below these prefixes is allowed and may hold any type.
-OPEN_PREFIXES: tuple[str, ...] = ("conversation.attributes.", "customer.profile.", "bot.slots.")
+OPEN_PREFIXES: tuple[str, ...] = (
+    "conversation.attributes.",
+    "customer.profile.",
+    "bot.slots.",
+    "event.custom.",
+)
 
 
 def field_type(path: str) -> FieldType | None:
@@ -124,6 +130,7 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
     "event.app": "app events: the app",
     "event.intent": "bot events: the intent the bot recognised",
     "event.confidence": "bot events: the bot's confidence, 0 to 1",
+    "event.queue": "`bot.handoff`: the queue the bot asked for, when it named one",
     "event.status": "`delivery.status`: the delivery status",
     "event.disposition": "`agent.wrap_up_done`: the agent's disposition",
     "conversation.id": "the conversation's id",
@@ -170,6 +177,7 @@ OPEN_PREFIX_DESCRIPTIONS: Mapping[str, str] = {
     "conversation.attributes.": "a conversation attribute, set with `set:`",
     "customer.profile.": "a Customer API profile field (`name`, `email`, `phone`, custom fields)",
     "bot.slots.": "on bot events: a slot the bot filled",
+    "event.custom.": "`bot.message`: a key of the bot's custom payload (never shown to anyone)",
 }
 
 # One line per event type, for the generated reference and the JSON Schema help.
