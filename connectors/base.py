@@ -188,6 +188,9 @@ class BotSettings(ConnectorSettings):
     retry_backoff: float = Field(default=0.5, gt=0, le=60)
     breaker_failures: int = Field(default=5, ge=1, le=1000)
     breaker_reset: float = Field(default=30.0, gt=0, le=3600)
+    # A bot that did not understand (fallback, no match) says so to the customer; only after
+    # this many in a row do the rules hear bot.failed (reason "fallback" / "no_match").
+    fallbacks_before_failure: int = Field(default=2, ge=1, le=100)
 
 
 class Bot(Connector):

@@ -238,6 +238,7 @@ async def _connectors_ctx(app: web.Application) -> AsyncIterator[None]:
     dispatcher.register("bot", gateway.deliver, on_dead=gateway.failed, policy=gateway.policy)
     dispatcher.register("desk", lambda row: _deliver_desk(app, row))
     yield
+    await gateway.stop()
     await session.close()
 
 

@@ -10,7 +10,8 @@ connector's callback route take the same way into the inbox as synchronous ones.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +30,9 @@ from controller.store.base import OutboxRow
 log = structlog.get_logger(__name__)
 
 # Reasons a bot.failed event can give; a connector's BotError message may start with one.
+ANSWERED_KEPT = 10_000
+FALLBACKS_ATTRIBUTE = "bot_fallbacks"
+UNDERSTOOD_NOTHING = frozenset({"fallback", "no_match"})
 FAILURE_REASONS = ("timeout", "circuit_open", "malformed", "unavailable", "rejected", "no_bot")
 
 
@@ -148,6 +152,20 @@ class BotGateway:
             name: CircuitBreaker(bot.settings.breaker_failures, bot.settings.breaker_reset, clock)
             for name, bot in bots.items()
         }
+        # Questions whose answer is to come by callback: (bot, conversation) -> watchdog.
+        self._awaiting: dict[tuple[str, str], tuple[str, int, asyncio.Task[None]]] = {}
+        self._stopped = False
+        # The newest question answered by callback per (bot, conversation): an answer can
+        # arrive before the bot's "accepted" does. Bounded: oldest entries go first.
+        self._answered_seq: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    async def stop(self) -> None:
+        self._stopped = True
+        watchdogs = [task for _, _, task in self._awaiting.values()]
+        self._awaiting.clear()
+        for task in watchdogs:
+            task.cancel()
+        await asyncio.gather(*watchdogs, return_exceptions=True)
 
     def policy(self, destination: str) -> RetryPolicy | None:
         bot = self._bots.get(destination.split(":", 1)[-1])
@@ -197,12 +215,68 @@ class BotGateway:
         self._metrics.bot_requests.labels(name, "pending" if reply.pending else "answered").inc()
         self._metrics.bot_seconds.labels(name).observe(asyncio.get_running_loop().time() - started)
         if reply.pending:
-            return  # the answer comes through the connector's callback route
+            # The answer comes through the connector's callback route; if none comes within
+            # the bot's timeout, the rules hear bot.failed as for a bot that did not answer.
+            self._await_callback(name, row, bot.settings.timeout)
+            return
+        reply = self._count_fallbacks(reply, request, bot.settings.fallbacks_before_failure)
         events = reply_events(
             name, row.conversation_id, reply, row.idempotency_key, request.reply_to_seq
         )
         if events:
             await self._inbox.submit(events)
+
+    @staticmethod
+    def _count_fallbacks(reply: BotReply, request: BotRequest, limit: int) -> BotReply:
+        """Fallbacks in a row are counted on the conversation (``bot_fallbacks``); the
+        answer reports ``failed`` only once there were ``limit`` of them."""
+        before = request.attributes.get(FALLBACKS_ATTRIBUTE, "0")
+        count = int(before) if before.isdigit() else 0
+        if reply.failed not in UNDERSTOOD_NOTHING:
+            if count == 0:
+                return reply
+            return replace(reply, attributes={**reply.attributes, FALLBACKS_ATTRIBUTE: "0"})
+        count += 1
+        return replace(
+            reply,
+            failed=reply.failed if count >= limit else None,
+            attributes={**reply.attributes, FALLBACKS_ATTRIBUTE: str(count)},
+        )
+
+    def _await_callback(self, name: str, row: OutboxRow, timeout: float) -> None:
+        if self._stopped:
+            return
+        key = (name, row.conversation_id)
+        previous = self._awaiting.pop(key, None)
+        if previous is not None:
+            previous[2].cancel()  # a newer question supersedes it
+        seq = int(row.payload.get("reply_to_seq", 0))
+        if self._answered_seq.get(key, -1) >= seq:
+            return  # its answer came already
+        task = asyncio.create_task(self._watch(key, row, timeout))
+        self._awaiting[key] = (row.idempotency_key, seq, task)
+
+    async def _watch(self, key: tuple[str, str], row: OutboxRow, timeout: float) -> None:
+        await asyncio.sleep(timeout)
+        if self._awaiting.get(key, ("",))[0] != row.idempotency_key:
+            return
+        del self._awaiting[key]
+        name = key[0]
+        self._failed(name, self.breakers[name], "timeout")
+        log.warning("bot_callback_missing", bot=name, timeout=timeout)
+        await self.failed(row, f"BotError: timeout: no callback within {timeout:g} s")
+
+    def _answered(self, name: str, conversation_id: str, seq: int | None) -> None:
+        """A callback arrived: the watchdog of the question it answers stands down."""
+        if seq is not None:
+            key = (name, conversation_id)
+            self._answered_seq[key] = max(seq, self._answered_seq.pop(key, -1))
+            while len(self._answered_seq) > ANSWERED_KEPT:
+                self._answered_seq.popitem(last=False)
+        waiting = self._awaiting.get((name, conversation_id))
+        if waiting is not None and (seq is None or seq >= waiting[1]):
+            del self._awaiting[(name, conversation_id)]
+            waiting[2].cancel()
 
     def _failed(self, name: str, breaker: CircuitBreaker, outcome: str) -> None:
         self._metrics.bot_requests.labels(name, outcome).inc()
@@ -243,6 +317,7 @@ class BotGateway:
         if answer.bot not in self._bots:
             raise BotError(f"no bot instance {answer.bot!r}", retryable=False)
         self._metrics.bot_requests.labels(answer.bot, "callback").inc()
+        self._answered(answer.bot, answer.conversation_id, answer.reply_to_seq)
         events = reply_events(
             answer.bot, answer.conversation_id, answer.reply, answer.dedupe_key, answer.reply_to_seq
         )

@@ -336,3 +336,78 @@ async def test_a_callback_for_a_closed_conversation_is_refused_with_a_conflict(
         await svc.app[BOT_GATEWAY].callback(late)
     await svc.settle()
     assert "too late" not in customer.texts("bot")
+
+
+async def test_a_callback_that_never_comes_fails_the_bot_and_one_that_comes_does_not(
+    make_service: Callable[..., Any], clock: ManualClock
+) -> None:
+    async def later(request: BotRequest) -> BotReply:
+        return BotReply(pending=True)
+
+    svc = await _service(make_service, clock, later, timeout=0.2)
+    silent = await svc.customer()
+    silent_cid = str((await silent.say("hi"))["conversation_id"])
+    await silent.wait_message("controller", "assistant is not available")
+    failed = await _events(svc, silent_cid, "bot.failed")
+    assert [e.data["reason"] for e in failed] == ["timeout"]
+
+    answered = await svc.customer()
+    cid = str((await answered.say("hi"))["conversation_id"])
+    seq = (await _events(svc, cid, "customer.message"))[0].seq
+    reply = BotReply(messages=(BotMessage("answered by callback"),))
+    await svc.app[BOT_GATEWAY].callback(
+        BotCallback(bot="demo", conversation_id=cid, reply=reply, dedupe_key="cb", reply_to_seq=seq)
+    )
+    await answered.wait_message("bot", "answered by callback")
+    # Another conversation's callback timing out later does not touch this one.
+    other = await svc.customer()
+    other_cid = str((await other.say("hi"))["conversation_id"])
+    await other.wait_message("controller", "assistant is not available")
+    assert await _events(svc, cid, "bot.failed") == []
+    assert (await svc.until(cid, lambda c: True)).state == "bot"
+    assert (await svc.until(other_cid, lambda c: True)).state == "queued"
+
+
+async def test_a_hanging_bot_does_not_hold_up_other_conversations(
+    make_service: Callable[..., Any], clock: ManualClock
+) -> None:
+    release = asyncio.Event()
+
+    async def ask(request: BotRequest) -> BotReply:
+        if request.text == "slow":
+            await release.wait()
+        return BotReply(messages=(BotMessage(f"answer to {request.text}"),))
+
+    svc = await _service(make_service, clock, ask, timeout=60)
+    slow = await svc.customer()
+    await slow.say("slow")
+    fast = await svc.customer()
+    for i in range(3):
+        await fast.say(f"fast {i}")
+        await fast.wait_message("bot", f"answer to fast {i}")
+    assert slow.texts("bot") == []  # still waiting for its bot
+    release.set()
+    await slow.wait_message("bot", "answer to slow")
+
+
+async def test_one_fallback_is_the_bots_to_handle_two_in_a_row_reach_the_rules(
+    make_service: Callable[..., Any], clock: ManualClock
+) -> None:
+    async def ask(request: BotRequest) -> BotReply:
+        if request.text.startswith("?"):
+            return BotReply(messages=(BotMessage("Sorry, say again?"),), failed="fallback")
+        return BotReply(messages=(BotMessage("Understood"),), intent="known")
+
+    svc = await _service(make_service, clock, ask)
+    customer = await svc.customer()
+    cid = await customer.start_with_bot("?huh")
+    await customer.say("fine")
+    await customer.wait_message("bot", "Understood")
+    await customer.say("?what")
+    conv = await svc.until(cid, lambda c: c.attributes.get("bot_fallbacks") == "1")
+    assert conv.state == "bot" and await _events(svc, cid, "bot.failed") == []
+    await customer.say("?again")  # the second in a row
+    await customer.wait_message("controller", "assistant is not available")
+    failed = await _events(svc, cid, "bot.failed")
+    assert [e.data["reason"] for e in failed] == ["fallback"]
+    assert customer.texts("bot").count("Sorry, say again?") == 3
