@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 # Reasons a bot.failed event can give; a connector's BotError message may start with one.
 ANSWERED_KEPT = 10_000
 FALLBACKS_ATTRIBUTE = "bot_fallbacks"
-UNDERSTOOD_NOTHING = frozenset({"fallback", "no_match"})
+UNDERSTOOD_NOTHING = frozenset({"fallback", "no_match", "no_input"})
 FAILURE_REASONS = ("timeout", "circuit_open", "malformed", "unavailable", "rejected", "no_bot")
 
 
@@ -125,7 +125,7 @@ def reply_events(
         outcomes.append(("bot.failed", {"reason": reply.failed}))
     if reply.handoff:
         outcomes.append(("bot.handoff", dict(reply.handoff_data)))
-    if reply.ended:
+    if reply.ended and not reply.handoff:  # handing over ends the bot's part, not the talk
         outcomes.append(("bot.ended", {}))
     for kind, extra in outcomes:
         events.append(
