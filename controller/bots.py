@@ -20,7 +20,7 @@ import structlog
 
 from connectors.base import Bot, BotCallback, BotReply, BotRequest
 from controller.clock import Clock
-from controller.errors import BotError, RequestError
+from controller.errors import BotError, NotFound, RequestError
 from controller.inbox import Inbox
 from controller.metrics import Metrics
 from controller.models import NewEvent
@@ -315,7 +315,7 @@ class BotGateway:
         Raises RequestError (a 4xx for the caller) when the conversation is unknown or closed.
         """
         if answer.bot not in self._bots:
-            raise BotError(f"no bot instance {answer.bot!r}", retryable=False)
+            raise NotFound(f"no bot instance {answer.bot!r}", code="unknown_bot")
         self._metrics.bot_requests.labels(answer.bot, "callback").inc()
         self._answered(answer.bot, answer.conversation_id, answer.reply_to_seq)
         events = reply_events(

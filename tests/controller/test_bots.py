@@ -16,7 +16,7 @@ import pytest
 from connectors.base import BotButton, BotCallback, BotMessage, BotReply, BotRequest
 from controller.bots import CircuitBreaker, reply_events
 from controller.clock import ManualClock
-from controller.errors import BotError, Conflict
+from controller.errors import BotError, Conflict, NotFound
 from controller.keys import BOT_GATEWAY, BOTS
 from controller.settings import ConnectorInstance
 from controller.testing import Service, rules_with_assisting_bot
@@ -411,3 +411,11 @@ async def test_one_fallback_is_the_bots_to_handle_two_in_a_row_reach_the_rules(
     failed = await _events(svc, cid, "bot.failed")
     assert [e.data["reason"] for e in failed] == ["fallback"]
     assert customer.texts("bot").count("Sorry, say again?") == 3
+
+
+async def test_a_callback_naming_an_unknown_bot_is_a_404(service: Service) -> None:
+    answer = BotCallback(
+        bot="nobody", conversation_id="cv_x", reply=BotReply(), dedupe_key="k", reply_to_seq=None
+    )
+    with pytest.raises(NotFound, match="no bot instance 'nobody'"):
+        await service.app[BOT_GATEWAY].callback(answer)
