@@ -461,7 +461,20 @@ class Decider:
             w.route_or_close = True
         elif isinstance(action, Send):
             if action.to == "customer":
-                msg = self._transcript(w, "controller", "controller", action.text)
+                content: dict[str, Any] = {}
+                if action.buttons:
+                    content["buttons"] = [
+                        {"id": b.payload or b.title, "title": b.title} for b in action.buttons
+                    ]
+                if action.template is not None:
+                    content["template"] = {
+                        "name": action.template.name,
+                        "language": action.template.language or conv.language,
+                        "parameters": list(action.template.parameters),
+                    }
+                msg = self._transcript(
+                    w, "controller", "controller", action.text, content=content or None
+                )
                 self._to_customer(w, msg)
                 self._to_agents(
                     w, "message", "controller", "controller", action.text, message_id=msg.id

@@ -126,7 +126,13 @@ class Dispatcher:
             else:
                 self._enqueue(key, row)
         if held:
-            self._background(self._store.outbox_release(held))
+            self._background(self._release(held))
+
+    async def _release(self, ids: list[int]) -> None:
+        """Hand rows back to the store and wake the poller: they are due now, and it may be
+        asleep until a later deadline computed before they existed."""
+        await self._store.outbox_release(ids)
+        self._wake.set()
 
     async def wait_quiet(self) -> bool:
         """Wait for deliveries in flight; True if nothing is left that is due now."""

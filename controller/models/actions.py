@@ -54,15 +54,35 @@ class Transfer(_Action):
     agent: str | None = None
 
 
+class MessageTemplate(_Action):
+    """A pre-approved message template (WhatsApp), for customers outside the 24 h window.
+
+    Channels without templates send the ``text`` of the ``send`` action instead.
+    """
+
+    name: str = Field(min_length=1, max_length=512, pattern=r"^[a-z0-9_]+$")
+    language: str | None = Field(default=None, min_length=2, max_length=15)
+    parameters: tuple[str | int | float, ...] = ()
+
+
+class MessageButton(_Action):
+    title: str = Field(min_length=1, max_length=256)
+    payload: str | None = Field(default=None, min_length=1, max_length=1024)
+
+
 class Send(_Action):
     """A message from the controller, to the customer or to the agents of the conversation.
 
-    ``text`` is already resolved to one language when the action is produced.
+    ``text`` is already resolved to one language when the action is produced. ``buttons``
+    offer choices (a tapped one comes back as ``event.reply_id``); ``template`` names a
+    WhatsApp template sent instead of the text where the channel has templates.
     """
 
     kind: Literal["send"] = "send"
     to: Literal["customer", "agents"] = "customer"
     text: str = Field(min_length=1)
+    buttons: tuple[MessageButton, ...] = Field(default=(), max_length=10)
+    template: MessageTemplate | None = None
 
 
 class Whisper(_Action):

@@ -569,6 +569,11 @@ ACTION_HELP: Mapping[str, ActionHelp] = {
         {
             "to": "`customer` (default) or `agents`",
             "text": "text, or a mapping of language: text",
+            "buttons": "choices for the customer: a list of `{title, payload}` (payload "
+            "defaults to the title); the tapped one is `event.reply_id`",
+            "template": "a WhatsApp template for customers outside the 24 h window: "
+            "`{name, language, parameters: [...]}` (language defaults to the conversation's); "
+            "other channels send the text",
         },
     ),
     "whisper": ActionHelp(

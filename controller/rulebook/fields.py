@@ -30,6 +30,7 @@ FIELDS: Mapping[str, FieldType] = {
     "event.intent": "str",
     "event.confidence": "num",
     "event.queue": "str",
+    "event.reply_id": "str",
     "event.status": "str",
     "event.disposition": "str",
     # the conversation it belongs to
@@ -131,6 +132,7 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
     "event.intent": "bot events: the intent the bot recognised",
     "event.confidence": "bot events: the bot's confidence, 0 to 1",
     "event.queue": "`bot.handoff`: the queue the bot asked for, when it named one",
+    "event.reply_id": "`customer.message`: the payload of the button the customer tapped",
     "event.status": "`delivery.status`: the delivery status",
     "event.disposition": "`agent.wrap_up_done`: the agent's disposition",
     "conversation.id": "the conversation's id",

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from controller.errors import ChannelSendError, ConfigError, ConnectorError
 from controller.keys import CHANNELS
 from controller.settings import ConnectorInstance
 from controller.store.base import OutboxRow
-from controller.testing import Service
+from controller.testing import RULES_DIR, Service
 from controller.testing_graph import (
     FakeGraph,
     WhatsAppSender,
@@ -727,3 +728,53 @@ async def test_media_download_failures_are_logged_and_counted(wa: Setup) -> None
     assert channel.media_path("404404") is None and channel.media_path("7302") is None
     cid = await conversation_of(svc, USER)
     assert len(await events_of(svc, cid, "customer.message")) == 3
+
+
+async def test_rules_reengage_a_customer_outside_the_window_with_a_template(
+    graph: FakeGraph, make_service: Callable[..., Any], clock: ManualClock, tmp_path: Path
+) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "default.yaml").write_text((RULES_DIR / "default.yaml").read_text())
+    (rules / "reengage.yaml").write_text(
+        """
+- name: reengage-with-a-template
+  description: a message could not go out because the 24 h window closed
+  when:
+    event: delivery.failed
+    event.reason: window_closed
+    conversation.channel: whatsapp
+  then:
+    - send:
+        text: "We have an update on your request. Reply to continue."
+        template:
+          name: request_update
+          parameters: ["{{ conversation.attributes.ticket | none }}"]
+        buttons: [{ title: Continue, payload: continue }]
+"""
+    )
+    svc, sender, _ = await start(
+        make_service, graph, whatsapp_settings(graph), clock=clock, rules_dir=rules
+    )
+    await sender.post(
+        envelope([change(NUMBER_A, messages=[text_message(USER, "agent", "wamid.T1")])])
+    )
+    cid = await conversation_of(svc, USER)
+    alice = await svc.agent("alice")
+    await alice.available()
+    await alice.take(cid)
+    await graph.wait_sent(1, lambda r: "alice" in r.json["text"]["body"])
+
+    clock.advance(timedelta(hours=25).total_seconds())
+    await alice.say(cid, "Your refund was approved.")
+    [sent] = await graph.wait_sent(1, lambda r: r.json["type"] == "template")
+    assert sent.json["template"] == {
+        "name": "request_update",
+        "language": {"code": "en"},
+        "components": [{"type": "body", "parameters": [{"type": "text", "text": "none"}]}],
+    }
+    assert sent.json["to"] == USER
+    transcript = await svc.store.messages(cid, include_agent_only=False)
+    line = next(m for m in transcript if m.text.startswith("We have an update"))
+    assert line.content is not None and line.content["template"]["name"] == "request_update"
+    assert len(await events_of(svc, cid, "delivery.failed")) == 1  # no loop
