@@ -22,7 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.clock import Clock
-from controller.errors import ConfigError
+from controller.errors import ConfigError, RequestError
 from controller.models import NewEvent
 from controller.store.base import Accepted
 
@@ -201,6 +201,20 @@ class Bot(Connector):
     @abc.abstractmethod
     async def ask(self, request: BotRequest) -> BotReply:
         """Ask the bot; raises BotError(retryable=...) on failure."""
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The exact bytes received (signatures are over them), refused past ``limit`` with 413."""
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestError("request body too large", code="too_large", status=413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise RequestError("request body too large", code="too_large", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ConnectorTypes:

@@ -34,6 +34,7 @@ from connectors.base import (
     BotRequest,
     BotSettings,
     ConnectorSettings,
+    read_body,
 )
 from controller.errors import BotError, Forbidden, RequestError, Unauthorized
 from controller.settings import is_placeholder
@@ -446,13 +447,4 @@ class RasaBot(Bot):
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_callback_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise RequestError("request body too large", code="too_large", status=413)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise RequestError("request body too large", code="too_large", status=413)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, limit)

@@ -317,6 +317,14 @@ class AgentClient(FrameReader):
 
 
 # the service as a separate process (crash tests, the console script) -------------------------
+async def serve_on_loopback(runner: web.AppRunner) -> str:
+    """Serve a fake provider's app on 127.0.0.1, on a free port; return its base URL."""
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -38,6 +38,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from controller.testing import serve_on_loopback
+
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"  # what google-auth puts in aud
 ACCEPTED_SCOPES = frozenset(
@@ -355,10 +357,7 @@ class FakeDialogflow:
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> FakeDialogflow:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.base_url = await serve_on_loopback(self._runner)
         return self
 
     async def stop(self) -> None:

@@ -29,6 +29,8 @@ from urllib.parse import parse_qsl, quote
 
 from aiohttp import web
 
+from controller.testing import serve_on_loopback
+
 TEST_ACCESS_KEY = "AKIAFAKELEXTEST00001"
 TEST_SECRET_KEY = "fake-lex-test-secret-key-0000000000000000"
 TEST_REGION = "eu-west-1"
@@ -136,10 +138,7 @@ class FakeLex:
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> FakeLex:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.base_url = await serve_on_loopback(self._runner)
         return self
 
     async def stop(self) -> None:

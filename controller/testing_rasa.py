@@ -26,6 +26,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from controller.testing import serve_on_loopback
+
 RASA_VERSION = "3.6.20"
 
 
@@ -128,10 +130,7 @@ class FakeRasa:
         self._runner = web.AppRunner(app, access_log=None)
 
     async def start(self) -> FakeRasa:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.base_url = await serve_on_loopback(self._runner)
         self._http = aiohttp.ClientSession()
         return self
 
