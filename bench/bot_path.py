@@ -18,8 +18,11 @@ B. **Baseline** (closed loop, same run, same fake process): K aiohttp clients PO
    p50/p99.
 Printed: both, the ratio A/B of the throughputs, the latency the service adds (A - B at
 p50 and p99), and the CPU seconds over each window of the service, the fake and this process
-(the load generator). Then the same with one client (``--single-seconds``, 0: skip): the
-latency of one message at a time, without queueing.
+(the load generator), and what the rest of the machine used meanwhile (a disturbed run
+shows). Warnings when a helper was near a full core: a busy fake during A slows the service
+path, a busy load generator during B under-measures the baseline (flatters the ratio).
+Then the same with one client (``--single-seconds``, 0: skip): the latency of one message
+at a time, without queueing.
 
 How
 ---
@@ -36,7 +39,8 @@ service is stopped and the fake is moved to core N, so the baseline server has t
 single core as the service had (as in the other benchmarks). This process, the load
 generator, pins itself to the remaining cores. The web chat rate limits are raised
 (``bench_env``); the ``demo`` bot is the Rasa connector (``mode: rest``) instead of the
-scripted demo bot; everything else is the default settings and rules.
+scripted demo bot; everything else is the default settings and rules. The service and the
+fake are stopped on any exit of this script (error, Ctrl-C, SIGTERM).
 
 Nothing here passes or fails on wall-clock time: it prints numbers. Run it by hand:
 
@@ -241,6 +245,16 @@ async def connect_all(http: aiohttp.ClientSession, base_url: str, k: int) -> lis
     return visitors
 
 
+async def close_all(visitors: list[Visitor], timeout: float = 3.0) -> None:
+    """Close the sockets together; a service that is gone (Ctrl-C reaches it too) does not
+    answer the close, so give up after ``timeout`` (leaving the session drops them)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(v.close() for v in visitors), return_exceptions=True)
+    except TimeoutError:
+        print(f"web chat sockets not closed after {timeout:.0f} s; dropped", file=sys.stderr)
+
+
 # B: straight to the fake ---------------------------------------------------------------------
 def direct_caller(http: aiohttp.ClientSession, url: str, i: int) -> Callable[[], Awaitable[bool]]:
     """One client POSTing what the connector POSTs; True when the answer is the bot's."""
@@ -272,6 +286,14 @@ def _self_cpu() -> float:
     return t.user + t.system
 
 
+def _machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 async def closed_loop(
     calls: list[Callable[[], Awaitable[bool]]],
     pids: dict[str, int],
@@ -290,6 +312,7 @@ async def closed_loop(
     def sample(into: dict[str, float]) -> None:
         into.update({name: C.cpu_seconds(pid) for name, pid in pids.items()})
         into["loadgen"] = _self_cpu()
+        into["machine"] = _machine_busy_seconds()
 
     async def run(call: Callable[[], Awaitable[bool]]) -> None:
         while time.perf_counter() < window_end:
@@ -322,10 +345,17 @@ async def closed_loop(
         "failed_in_window": done[1],
         "answers_total": done[0],
     }
+    ours = 0.0
     for name in cpu1:
+        if name == "machine":
+            continue
         used = cpu1[name] - cpu0[name]
+        ours += used
         out[f"{name}_cpu_s"] = used
         out[f"{name}_cpu_pct"] = 100.0 * used / seconds
+    # CPU used by every other process (and by the kernel outside ours: part of the loopback
+    # networking lands here) during the window: a large share means the run was disturbed.
+    out["others_cpu_s"] = max(0.0, cpu1["machine"] - cpu0["machine"] - ours)
     return out
 
 
@@ -353,7 +383,7 @@ async def run_service(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         visitors = await connect_all(http, service.base_url, args.clients)
         try:
-            calls = [v.ask for v in visitors]
+            calls: list[Callable[[], Awaitable[bool]]] = [v.ask for v in visitors]
             out["peak"] = await closed_loop(calls, pids, args.warmup, args.seconds)
             if args.single_seconds > 0:
                 await C.wait_quiet(service, timeout=args.drain_timeout, stable=2, interval=0.2)
@@ -364,8 +394,7 @@ async def run_service(
             await C.wait_quiet(service, timeout=args.drain_timeout, stable=2, interval=0.2)
             out["acks"] = sum(v.acks for v in visitors)
         finally:
-            for v in visitors:
-                await v.close()
+            await close_all(visitors)
     return out
 
 
@@ -468,6 +497,12 @@ def saturation_warnings(out: dict[str, Any], busy: float = 80.0) -> list[str]:
             found.append(f"{phase}: the fake Rasa's core was {fake:.0f} % busy during A")
         if a["loadgen_cpu_pct"] > busy:
             found.append(f"{phase}: the load generator was {a['loadgen_cpu_pct']:.0f} % busy in A")
+        for side, r in (("A", a), ("B", b)):
+            if r["others_cpu_s"] > 0.2 * r["window_seconds"]:
+                found.append(
+                    f"{phase}: other processes used {r['others_cpu_s']:.1f} CPU s during "
+                    f"{side}'s {r['window_seconds']:.0f} s window: the machine was not quiet"
+                )
         if b["loadgen_cpu_pct"] > busy:
             found.append(
                 f"{phase}: the load generator was {b['loadgen_cpu_pct']:.0f} % busy in B: "
@@ -502,6 +537,7 @@ def report(out: dict[str, Any]) -> None:
             ("fake_cpu_pct", "fake Rasa CPU % of window", 1),
             ("loadgen_cpu_s", "load generator CPU s", 2),
             ("loadgen_cpu_pct", "load generator CPU % of window", 1),
+            ("others_cpu_s", "rest of the machine CPU s", 2),
         ):
             print(f"{label:<36}{fmt(a.get(key), digits):>12}  {fmt(b.get(key), digits):>12}")
         print(f"{'throughput A/B %':<36}{fmt(cmp['throughput_ratio_pct']):>12}")
