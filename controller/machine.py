@@ -312,6 +312,8 @@ class Decider:
             self._to_agents(
                 w, "message", "agent", agent_id, msg.text, message_id=msg.id, exclude=agent_id
             )
+        elif kind == "agent.outbound":
+            self._outbound(w, str(data.get("agent_id")), str(data.get("text", "")))
         elif kind == "agent.transferred":
             self._transfer(w, str(data.get("agent_id")), data.get("to_queue"), data.get("to_agent"))
         elif kind == "agent.left":
@@ -326,6 +328,27 @@ class Decider:
             self._release_all(w)
         elif kind == "timer.fired":
             conv.timers.pop(str(data.get("name")), None)
+
+    def _outbound(self, w: _Work, agent_id: str, text: str) -> None:
+        """An agent writes first: the agent serves the conversation and the message goes out
+        (as a template where the channel needs one and the agent gave it)."""
+        conv = w.conv
+        if conv.find("agent", agent_id) is None:
+            if conv.state != "new":
+                raise Refused(f"the conversation is {conv.state} with someone else")
+            self.transition(conv, "assign")
+            self._add_agent(w, agent_id, primary=True)
+            w.assigned.add(agent_id)
+            conv.attributes = {**conv.attributes, "direction": "outbound"}
+        template = w.event.data.get("template")
+        content = None
+        if isinstance(template, dict):
+            content = {
+                "template": {**template, "language": template.get("language") or conv.language}
+            }
+        msg = self._transcript(w, "agent", agent_id, text, content=content)
+        self._to_customer(w, msg)
+        self._to_agents(w, "message", "agent", agent_id, text, message_id=msg.id, exclude=agent_id)
 
     def _answering_bot(self, w: _Work) -> Participant:
         """The bot an answer comes from; refuses an answer the conversation has moved past.

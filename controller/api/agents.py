@@ -150,7 +150,7 @@ def _accepted(a: Accepted) -> dict[str, Any]:
     }
 
 
-def _http_key(request: web.Request, principal: Principal) -> str | None:
+def http_idempotency_key(request: web.Request, principal: Principal) -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
@@ -162,7 +162,7 @@ def _http_key(request: web.Request, principal: Principal) -> str | None:
     return f"{route}:{key}"
 
 
-async def _agent(request: web.Request) -> Principal:
+async def agent_principal(request: web.Request) -> Principal:
     principal = await authenticate(request, "agent")
     if not request.app[ROUTER].agent_known(principal.subject):
         raise Forbidden("the token's agent does not exist", code="unknown_agent")
@@ -170,24 +170,24 @@ async def _agent(request: web.Request) -> Principal:
 
 
 async def me(request: web.Request) -> web.Response:
-    principal = await _agent(request)
+    principal = await agent_principal(request)
     return web.json_response(request.app[ROUTER].agent_view(principal.subject))
 
 
 async def presence(request: web.Request) -> web.Response:
-    principal = await _agent(request)
+    principal = await agent_principal(request)
     body = await read_json(request, Presence)
     return web.json_response(await run_command(request.app, principal.subject, body, None))
 
 
 async def accept(request: web.Request) -> web.Response:
-    principal = await _agent(request)
+    principal = await agent_principal(request)
     cmd = Accept(offer_id=request.match_info["offer_id"])
     return web.json_response(await run_command(request.app, principal.subject, cmd, None))
 
 
 async def decline(request: web.Request) -> web.Response:
-    principal = await _agent(request)
+    principal = await agent_principal(request)
     cmd = Decline(offer_id=request.match_info["offer_id"])
     return web.json_response(await run_command(request.app, principal.subject, cmd, None))
 
@@ -208,28 +208,34 @@ class _WrapUpBody(BaseModel):
 
 
 async def post_message(request: web.Request) -> web.Response:
-    principal = await _agent(request)
+    principal = await agent_principal(request)
     body = await read_json(request, _MessageBody)
     cmd = SendMessage(conversation_id=request.match_info["conversation_id"], text=body.text)
-    result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
+    result = await run_command(
+        request.app, principal.subject, cmd, http_idempotency_key(request, principal)
+    )
     return web.json_response(result, status=200 if result["duplicate"] else 202)
 
 
 async def leave(request: web.Request) -> web.Response:
-    principal = await _agent(request)
+    principal = await agent_principal(request)
     body = await read_json(request, _LeaveBody) if request.can_read_body else _LeaveBody()
     cmd = Leave(conversation_id=request.match_info["conversation_id"], reason=body.reason)
-    result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
+    result = await run_command(
+        request.app, principal.subject, cmd, http_idempotency_key(request, principal)
+    )
     return web.json_response(result, status=200 if result["duplicate"] else 202)
 
 
 async def wrap_up(request: web.Request) -> web.Response:
-    principal = await _agent(request)
+    principal = await agent_principal(request)
     body = await read_json(request, _WrapUpBody)
     cmd = WrapUp(
         conversation_id=request.match_info["conversation_id"], disposition=body.disposition
     )
-    result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
+    result = await run_command(
+        request.app, principal.subject, cmd, http_idempotency_key(request, principal)
+    )
     return web.json_response(result, status=200 if result["duplicate"] else 202)
 
 
@@ -240,7 +246,7 @@ class _TransferBody(BaseModel):
 
 
 async def transfer(request: web.Request) -> web.Response:
-    principal = await _agent(request)
+    principal = await agent_principal(request)
     body = await read_json(request, _TransferBody)
     try:
         cmd = Transfer(
@@ -252,7 +258,9 @@ async def transfer(request: web.Request) -> web.Response:
         raise RequestError(
             "give exactly one of queue or agent", code="invalid_body", status=422
         ) from exc
-    result = await run_command(request.app, principal.subject, cmd, _http_key(request, principal))
+    result = await run_command(
+        request.app, principal.subject, cmd, http_idempotency_key(request, principal)
+    )
     return web.json_response(result, status=200 if result["duplicate"] else 202)
 
 

@@ -32,6 +32,7 @@ EventType = Literal[
     "agent.left",
     "agent.presence_changed",
     "agent.transferred",
+    "agent.outbound",
     "agent.wrap_up_done",
     "app.joined",
     "app.event",

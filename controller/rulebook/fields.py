@@ -31,6 +31,7 @@ FIELDS: Mapping[str, FieldType] = {
     "event.confidence": "num",
     "event.queue": "str",
     "event.reply_id": "str",
+    "event.direction": "str",
     "event.status": "str",
     "event.disposition": "str",
     # the conversation it belongs to
@@ -133,6 +134,8 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
     "event.confidence": "bot events: the bot's confidence, 0 to 1",
     "event.queue": "`bot.handoff`: the queue the bot asked for, when it named one",
     "event.reply_id": "`customer.message`: the payload of the button the customer tapped",
+    "event.direction": "`conversation.created`: `inbound` (the customer wrote first) or "
+    "`outbound` (an agent or a campaign did)",
     "event.status": "`delivery.status`: the delivery status",
     "event.disposition": "`agent.wrap_up_done`: the agent's disposition",
     "conversation.id": "the conversation's id",
@@ -209,7 +212,8 @@ EVENT_DESCRIPTIONS: Mapping[str, str] = {
     "agent.reconnected": "the agent's desk is connected again after `agent.disconnected`",
     "agent.left": "an agent left the conversation (`agent_id`, `reason`)",
     "agent.presence_changed": "an agent's presence changed (no connector emits it yet)",
-    "agent.transferred": "an agent transferred the conversation (no connector emits it yet)",
+    "agent.transferred": "an agent handed the conversation to a queue or another agent",
+    "agent.outbound": "an agent wrote first (an outbound conversation; `text`, `agent_id`)",
     "agent.wrap_up_done": "the agent finished wrap-up (`disposition`)",
     "app.joined": "an app joined the conversation (no connector emits it yet)",
     "app.event": "an app reported something (no connector emits it yet)",

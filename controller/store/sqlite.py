@@ -1239,7 +1239,10 @@ def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) ->
             source="controller",
             dedupe_key=f"{conv_id}:created",
             conversation_id=conv_id,
-            data={"channel": ev.channel},
+            data={
+                "channel": ev.channel,
+                "direction": "outbound" if ev.type == "agent.outbound" else "inbound",
+            },
         ),
         now,
     )
