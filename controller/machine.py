@@ -303,6 +303,22 @@ class Decider:
                 w.released.add(agent_id)
                 raise
             self._add_agent(w, agent_id, primary=True)
+        elif kind == "agent.message" and data.get("to") == "agents":
+            agent_id = str(data.get("agent_id"))
+            if conv.find("agent", agent_id) is None:
+                raise Refused(f"agent {agent_id} is not in the conversation")
+            text = str(data.get("text", ""))
+            self._to_agents(w, "whisper", "agent", agent_id, text, message_id=None)
+        elif kind == "agent.invited":
+            inviter, invited = str(data.get("agent_id")), str(data.get("to_agent"))
+            if conv.find("agent", inviter) is None:
+                raise Refused(f"agent {inviter} is not in the conversation")
+            if conv.find("agent", invited) is None:
+                self.transition(conv, "assign")  # agent → agent: a secondary agent joins
+                self._add_agent(w, invited, primary=False)
+                w.assigned.add(invited)
+                note = f"{inviter} invited {invited} to the conversation"
+                self._to_agents(w, "system", "controller", "controller", note, message_id=None)
         elif kind == "agent.message":
             agent_id = str(data.get("agent_id"))
             if conv.find("agent", agent_id) is None:
@@ -587,6 +603,11 @@ class Decider:
         conv.participants.remove(p)
         if role == "agent":
             w.released.add(participant_id)
+            if p.primary:
+                # In a conference the agent who stays serves the customer from now on.
+                stays = next((a for a in conv.participants if a.role == "agent"), None)
+                if stays is not None:
+                    stays.primary = True
         if emit:
             self._emit(w, f"{role}.left", {f"{role}_id": participant_id, "reason": reason})
 

@@ -21,7 +21,7 @@ from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from controller.api.common import Principal, authenticate, read_json, request_hash
-from controller.errors import ConvctlError, Forbidden, NotFound, RequestError
+from controller.errors import Conflict, ConvctlError, Forbidden, NotFound, RequestError
 from controller.ids import new_id
 from controller.keys import DESK, INBOX, METRICS, ROUTER, STORE
 from controller.models import NewEvent
@@ -54,9 +54,12 @@ class Decline(_Cmd):
 
 
 class SendMessage(_Cmd):
+    """A message to the customer, or (``to: agents``) a whisper the customer never sees."""
+
     type: Literal["message"] = "message"
     conversation_id: str = Field(min_length=1, max_length=100)
     text: str = Field(min_length=1, max_length=4096)
+    to: Literal["customer", "agents"] = "customer"
 
 
 class Leave(_Cmd):
@@ -86,8 +89,16 @@ class Transfer(_Cmd):
         return self
 
 
+class Invite(_Cmd):
+    """Conference: another agent joins the conversation beside the sender (who stays)."""
+
+    type: Literal["invite"] = "invite"
+    conversation_id: str = Field(min_length=1, max_length=100)
+    agent: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 Command = Annotated[
-    Presence | Accept | Decline | SendMessage | Leave | WrapUp | Transfer,
+    Presence | Accept | Decline | SendMessage | Leave | WrapUp | Transfer | Invite,
     Field(discriminator="type"),
 ]
 _COMMAND = TypeAdapter(Command)
@@ -113,6 +124,14 @@ async def run_command(
     data: dict[str, Any] = {"agent_id": agent_id, "request_hash": request_hash(cmd)}
     if isinstance(cmd, SendMessage):
         kind, data["text"] = "agent.message", cmd.text
+        if cmd.to == "agents":
+            data["to"] = "agents"
+    elif isinstance(cmd, Invite):
+        if not app[ROUTER].agent_known(cmd.agent):
+            raise NotFound(f"unknown agent {cmd.agent!r}", code="unknown_agent")
+        if conv.find("agent", cmd.agent) is not None:
+            raise Conflict(f"agent {cmd.agent} is already in the conversation", code="already_in")
+        kind, data["to_agent"] = "agent.invited", cmd.agent
     elif isinstance(cmd, Leave):
         kind, data["reason"] = "agent.left", cmd.reason
     elif isinstance(cmd, Transfer):
@@ -195,6 +214,21 @@ async def decline(request: web.Request) -> web.Response:
 class _MessageBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, max_length=4096)
+    to: Literal["customer", "agents"] = "customer"
+
+
+class _InviteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    agent: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+async def invite(request: web.Request) -> web.Response:
+    principal = await agent_principal(request)
+    body = await read_json(request, _InviteBody)
+    cmd = Invite(conversation_id=request.match_info["conversation_id"], agent=body.agent)
+    key = http_idempotency_key(request, principal)
+    result = await run_command(request.app, principal.subject, cmd, key)
+    return web.json_response(result, status=200 if result["duplicate"] else 202)
 
 
 class _LeaveBody(BaseModel):
@@ -210,7 +244,9 @@ class _WrapUpBody(BaseModel):
 async def post_message(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
     body = await read_json(request, _MessageBody)
-    cmd = SendMessage(conversation_id=request.match_info["conversation_id"], text=body.text)
+    cmd = SendMessage(
+        conversation_id=request.match_info["conversation_id"], text=body.text, to=body.to
+    )
     result = await run_command(
         request.app, principal.subject, cmd, http_idempotency_key(request, principal)
     )
@@ -410,4 +446,5 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/v1/conversations/{conversation_id}/leave", leave),
         web.post("/api/v1/conversations/{conversation_id}/wrap-up", wrap_up),
         web.post("/api/v1/conversations/{conversation_id}/transfer", transfer),
+        web.post("/api/v1/conversations/{conversation_id}/invite", invite),
     ]

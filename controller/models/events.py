@@ -33,6 +33,7 @@ EventType = Literal[
     "agent.presence_changed",
     "agent.transferred",
     "agent.outbound",
+    "agent.invited",
     "agent.wrap_up_done",
     "app.joined",
     "app.event",

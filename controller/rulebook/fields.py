@@ -213,6 +213,7 @@ EVENT_DESCRIPTIONS: Mapping[str, str] = {
     "agent.left": "an agent left the conversation (`agent_id`, `reason`)",
     "agent.presence_changed": "an agent's presence changed (no connector emits it yet)",
     "agent.transferred": "an agent handed the conversation to a queue or another agent",
+    "agent.invited": "an agent asked another agent (`to_agent`) to join: a conference",
     "agent.outbound": "an agent wrote first (an outbound conversation; `text`, `agent_id`)",
     "agent.wrap_up_done": "the agent finished wrap-up (`disposition`)",
     "app.joined": "an app joined the conversation (no connector emits it yet)",
