@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import structlog
@@ -24,11 +24,15 @@ from connectors.meta import (
     GraphCodes,
     MetaAppSettings,
     MetaChannel,
+    OutboundMedia,
     Payload,
     buttons_of,
     clean,
     ensure_unique,
-    fit_buttons,
+    joined,
+    media_of,
+    numbered,
+    split_text,
     unknown_endpoint,
 )
 from controller.errors import ChannelSendError
@@ -48,6 +52,15 @@ STANDARD_WINDOW = timedelta(hours=24)
 HUMAN_AGENT_WINDOW = timedelta(days=7)
 MAX_QUICK_REPLIES = 13
 MAX_QUICK_REPLY_TITLE = 20
+MAX_TEXT = 2000
+# Our media types → Messenger attachment types (a sticker is sent as an image).
+ATTACHMENT_TYPES = {
+    "image": "image",
+    "audio": "audio",
+    "video": "video",
+    "document": "file",
+    "sticker": "image",
+}
 WATERMARK_KINDS = {"delivery": "delivered", "read": "read"}
 
 
@@ -192,7 +205,7 @@ class MessengerChannel(MetaChannel[_Item]):
 
     async def _events(self, items: Sequence[_Item]) -> list[NewEvent]:
         events: list[NewEvent] = []
-        open_conversations: dict[tuple[str, str], str | None] = {}
+        open_conversations: dict[tuple[str, str], dict[str, Any] | None] = {}
         for item in items:
             ev, kind = item.event, item.kind
             if ev.message is not None and ev.message.is_echo:
@@ -205,12 +218,43 @@ class MessengerChannel(MetaChannel[_Item]):
             key = (item.page_id, ev.sender.id)
             if key not in open_conversations:
                 open_conversations[key] = await self._open_conversation(*key)
-            conversation_id = open_conversations[key]
-            if conversation_id is None:
+            snapshot = open_conversations[key]
+            if snapshot is None:
                 log.info("messenger_status_without_open_conversation", instance=self.name)
                 continue
-            events.append(self._status_event(item, conversation_id))
+            message_ids = await self._message_ids(item, snapshot)
+            events.append(self._status_event(item, str(snapshot["conversation_id"]), message_ids))
         return events
+
+    async def _message_ids(self, item: _Item, snapshot: dict[str, Any]) -> list[str]:
+        """Our ids of the messages a delivery or read is about, oldest first.
+
+        A delivery's ``mids`` are looked up among the ids our sends returned; a read (or a
+        delivery whose mids are unknown) covers everything up to its watermark, so it names
+        the newest message shown to the customer at or before it.
+        """
+        conversation_id = str(snapshot["conversation_id"])
+        mark = item.event.delivery or item.event.read
+        assert mark is not None  # a watermark kind
+        found: list[str] = []
+        for mid in mark.mids:
+            message_id = await self._our_message_id(mid, conversation_id)
+            if message_id is not None and message_id not in found:
+                found.append(message_id)
+        if found:
+            return found
+        watermark = datetime.fromtimestamp(mark.watermark / 1000, UTC)
+        latest: str | None = None
+        for line in snapshot.get("messages", []):
+            if line.get("from") == "customer" or not line.get("id"):
+                continue
+            try:
+                at = datetime.fromisoformat(str(line.get("at")))
+            except ValueError:
+                continue
+            if at <= watermark:
+                latest = str(line["id"])
+        return [latest] if latest is not None else []
 
     def _message_event(self, item: _Item) -> NewEvent:
         ev, kind = item.event, item.kind
@@ -274,13 +318,15 @@ class MessengerChannel(MetaChannel[_Item]):
             out["kind"] = "text"
         return out
 
-    def _status_event(self, item: _Item, conversation_id: str) -> NewEvent:
+    def _status_event(self, item: _Item, conversation_id: str, message_ids: list[str]) -> NewEvent:
         ev, kind = item.event, item.kind
         mark = ev.delivery if kind == "delivery" else ev.read
         assert mark is not None  # kind says which one is set
         psid = ev.sender.id
         data = {
             "status": WATERMARK_KINDS[kind],
+            "message_id": message_ids[-1] if message_ids else None,
+            "message_ids": message_ids or None,
             "watermark": mark.watermark,
             "mids": mark.mids or None,
             "psid": psid,
@@ -292,27 +338,31 @@ class MessengerChannel(MetaChannel[_Item]):
 
     # outbound --------------------------------------------------------------------------
     async def send(self, message: OutboundMessage) -> str | None:
-        """Send through the conversation's Page and its token; return the ``mid``."""
+        """Send through the conversation's Page and its token; return the ``mid`` (of the last
+        part, when the message goes out in several)."""
         page = self._pages.get(message.endpoint)
         if page is None:
             raise unknown_endpoint("page_id", message.endpoint)
-        body = {
-            "recipient": {"id": message.identity},
-            **self._messaging_type(message),
-            "message": self._content(message),
-        }
-        data = await self._graph_call(
-            "POST",
-            f"{self.settings.graph_url}/me/messages",
-            params={"access_token": page.access_token},
-            json_body=body,
-        )
-        sent = _SendResponse.model_validate(data) if isinstance(data, dict) else None
-        if sent is None or not sent.message_id:
-            # Accepted (2xx) without an id: sending again would duplicate the message.
-            log.warning("messenger_send_without_id", instance=self.name)
-            return None
-        return sent.message_id
+        messaging_type = self._messaging_type(message)
+        url = f"{self.settings.graph_url}/me/messages"
+
+        async def send_one(content: dict[str, Any], key: str) -> str | None:
+            body = {
+                "recipient": {"id": message.identity},
+                **messaging_type,
+                "message": {**content, "metadata": key},
+            }
+            data = await self._graph_call(
+                "POST", url, params={"access_token": page.access_token}, json_body=body
+            )
+            sent = _SendResponse.model_validate(data) if isinstance(data, dict) else None
+            if sent is None or not sent.message_id:
+                # Accepted (2xx) without an id: sending again would duplicate the message.
+                log.warning("messenger_send_without_id", instance=self.name)
+                return None
+            return sent.message_id
+
+        return await self._send_parts(message, self._contents(message), send_one)
 
     def _messaging_type(self, message: OutboundMessage) -> dict[str, str]:
         """RESPONSE inside 24 h of the customer's last message; HUMAN_AGENT for a person's
@@ -335,16 +385,39 @@ class MessengerChannel(MetaChannel[_Item]):
         )
 
     @staticmethod
-    def _content(message: OutboundMessage) -> dict[str, Any]:
-        text = str(message.message.get("text", ""))
+    def _contents(message: OutboundMessage) -> list[dict[str, Any]]:
+        """The ``message`` objects that deliver one outbound message, in order.
+
+        Text over 2000 characters is cut into several; media goes as an attachment by URL
+        after the text (an attachment carries no text); buttons become quick replies on the
+        last part (up to 13, titles up to 20 characters), else numbered lines of text.
+        """
+        text = str(message.message.get("text") or "")
         buttons = buttons_of(message.message.get("buttons"))
-        # Too many or too long for quick replies → numbered text.
-        text, use_buttons = fit_buttons(text, buttons, MAX_QUICK_REPLIES, MAX_QUICK_REPLY_TITLE)
-        if not use_buttons:
-            return {"text": text}
-        return {
-            "text": text,
-            "quick_replies": [
+        media = media_of(message.message)
+        fits = len(buttons) <= MAX_QUICK_REPLIES and all(
+            len(title) <= MAX_QUICK_REPLY_TITLE for _, title in buttons
+        )
+        quick = bool(buttons) and fits and bool(text or media)
+        if buttons and not quick:
+            text = numbered(text, buttons)
+        parts: list[dict[str, Any]] = []
+        if media is None:
+            parts = [{"text": part} for part in split_text(text, MAX_TEXT)]
+        else:
+            lead = joined(text, media.caption)
+            if lead:
+                parts = [{"text": part} for part in split_text(lead, MAX_TEXT)]
+            parts.append({"attachment": _attachment(media)})
+        if quick:
+            parts[-1]["quick_replies"] = [
                 {"content_type": "text", "title": title, "payload": bid} for bid, title in buttons
-            ],
-        }
+            ]
+        return parts
+
+
+def _attachment(media: OutboundMedia) -> dict[str, Any]:
+    return {
+        "type": ATTACHMENT_TYPES[media.type],
+        "payload": {"url": media.url, "is_reusable": True},
+    }

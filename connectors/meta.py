@@ -1,6 +1,7 @@
 """What Meta's channels share (WhatsApp Cloud API, Messenger): the app settings, the signed
 webhook (GET handshake, ``X-Hub-Signature-256`` over the raw body, size limit), one inbox
-submit per delivery, Graph API calls and the Graph error → ChannelSendError mapping.
+submit per delivery, Graph API calls and the Graph error → ChannelSendError mapping, and the
+outbound pieces both use: media, long texts cut into parts, parts sent once per key.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ import abc
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import aiohttp
 import structlog
@@ -26,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from connectors.base import Channel, ConnectorSettings
+from connectors.base import Channel, ConnectorSettings, OutboundMessage, read_body
 from controller.errors import ChannelSendError, Conflict, Forbidden, RequestError, WebhookAuthError
 from controller.models import NewEvent
 from controller.settings import is_placeholder
@@ -190,6 +193,13 @@ def buttons_of(raw: Any) -> list[tuple[str, str]]:
     return out
 
 
+def numbered(text: str, buttons: list[tuple[str, str]]) -> str:
+    """The text followed by the buttons' titles as numbered lines (for channels or messages
+    that cannot show them as buttons)."""
+    lines = [f"{i}. {title}" for i, (_, title) in enumerate(buttons, 1)]
+    return "\n".join([text, *lines]) if text else "\n".join(lines)
+
+
 def fit_buttons(
     text: str, buttons: list[tuple[str, str]], most: int, title_max: int
 ) -> tuple[str, bool]:
@@ -199,13 +209,111 @@ def fit_buttons(
     fits = len(buttons) <= most and all(len(title) <= title_max for _, title in buttons)
     if text and fits:
         return text, True
-    lines = [f"{i}. {title}" for i, (_, title) in enumerate(buttons, 1)]
-    return ("\n".join([text, *lines]) if text else "\n".join(lines)), False
+    return numbered(text, buttons), False
+
+
+def joined(*texts: str | None) -> str:
+    """The non-empty texts as paragraphs of one text."""
+    return "\n\n".join(t for t in texts if t)
+
+
+# Where a long text may be cut, best first: between paragraphs, lines, sentences, words.
+_BREAKS = (
+    re.compile(r"\n[ \t]*\n\s*"),
+    re.compile(r"\n\s*"),
+    re.compile(r"(?:(?<=[.!?\u2026])|(?<=[.!?\u2026][\"'\u201d\u2019)\]]))\s+"),
+    re.compile(r"\s+"),
+)
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """``text`` in parts of at most ``limit`` characters, in order.
+
+    Each cut is at the last paragraph break that keeps the part within the limit (and at
+    least a third full), else the last line break, sentence end or word gap; a text without any
+    is cut hard. Whitespace at a cut is dropped. A text within the limit is one part, as is.
+    """
+    parts: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        window = rest[: limit + 1]
+        head_end, tail_start = limit, limit
+        for pattern in _BREAKS:
+            found = [m for m in pattern.finditer(window) if limit // 3 <= m.start() <= limit]
+            if found:
+                head_end, tail_start = found[-1].start(), found[-1].end()
+                break
+        head = rest[:head_end].rstrip()
+        if head:
+            parts.append(head)
+        rest = rest[tail_start:].lstrip()
+    if rest or not parts:
+        parts.append(rest)
+    return parts
+
+
+def split_tail(text: str, limit: int) -> tuple[str, str]:
+    """(head, tail): ``tail`` is the end of ``text`` that fits in ``limit`` characters, cut
+    where ``split_text`` would cut (its largest piece at the best kind of break, at least
+    a third full); ``head`` is what comes before it ("" when the whole text fits)."""
+    if len(text) <= limit:
+        return "", text
+    start = len(text) - limit  # the tail begins at or after this
+    for pattern in _BREAKS:
+        found = [
+            m
+            for m in pattern.finditer(text)
+            if start <= m.end() <= len(text) - limit // 3 and m.start() > 0
+        ]
+        if found:
+            return text[: found[0].start()].rstrip(), text[found[0].end() :]
+    return text[:start], text[start:]
+
+
+MediaType = Literal["image", "audio", "video", "document", "sticker"]
+
+
+class OutboundMedia(BaseModel):
+    """``message["media"]`` of an outbound message (``message["image"]``, a URL, is the
+    same as ``{"type": "image", "url": …}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: MediaType
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048)
+    filename: str | None = Field(None, min_length=1, max_length=240)
+    caption: str | None = None
+
+
+def media_of(message: dict[str, Any]) -> OutboundMedia | None:
+    """The media an outbound message carries; a malformed one is a final send failure."""
+    raw = message.get("media")
+    if raw is None and message.get("image"):
+        raw = {"type": "image", "url": message["image"]}
+    if raw is None:
+        return None
+    try:
+        return OutboundMedia.model_validate(raw)
+    except ValidationError as exc:
+        raise ChannelSendError(
+            f"provider_error: invalid media: {exc.error_count()} errors", retryable=False
+        ) from exc
+
+
+def part_keys(key: str, count: int) -> list[str]:
+    """The idempotency keys of a message's parts: the message's own key for one part,
+    ``key:1`` … ``key:n`` for several."""
+    return [key] if count == 1 else [f"{key}:{i}" for i in range(1, count + 1)]
 
 
 def unknown_endpoint(what: str, value: str) -> ChannelSendError:
     """The conversation's business endpoint is not (any more) in the settings."""
     return ChannelSendError(f"provider_error: unknown {what} {value!r}", retryable=False)
+
+
+# Parts accepted by Graph, remembered (per instance, in memory) so that retrying a message
+# whose later part failed does not send its earlier parts again.
+SENT_PARTS_KEPT = 4096
 
 
 # the channel base -------------------------------------------------------------------------
@@ -219,12 +327,13 @@ class MetaChannel(Channel, Generic[ItemT]):
     channel: ClassVar[str]
     webhook_object: ClassVar[str]  # the ``object`` of the deliveries this channel serves
     graph_codes: ClassVar[GraphCodes]
-    capabilities: ClassVar[frozenset[str]] = frozenset({"text", "buttons"})
+    capabilities: ClassVar[frozenset[str]] = frozenset({"text", "buttons", "images", "media"})
     settings: MetaAppSettings
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._source = f"{self.channel}:{self.name}"
+        self._sent_parts: OrderedDict[str, str | None] = OrderedDict()
 
     def routes(self) -> list[web.RouteDef]:
         path = f"/webhooks/{self.name}"
@@ -284,16 +393,7 @@ class MetaChannel(Channel, Generic[ItemT]):
     async def _read_body(self, request: web.Request) -> bytes:
         """The exact bytes received, refused past the instance's size limit (413)."""
         limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise RequestError("request body too large", code="too_large", status=413)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise RequestError("request body too large", code="too_large", status=413)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, limit)
 
     def _check_signature(self, request: web.Request, raw: bytes) -> None:
         header = request.headers.get("X-Hub-Signature-256", "")
@@ -361,11 +461,50 @@ class MetaChannel(Channel, Generic[ItemT]):
             data=clean(data),
         )
 
-    async def _open_conversation(self, endpoint: str, identity: str) -> str | None:
-        snapshot = await self.context.service["history"](self.name, endpoint, identity)
-        return str(snapshot["conversation_id"]) if snapshot.get("open") else None
+    async def _open_conversation(self, endpoint: str, identity: str) -> dict[str, Any] | None:
+        """The identity's open conversation (``history`` snapshot: id, messages); None if
+        there is none."""
+        snapshot: dict[str, Any] = await self.context.service["history"](
+            self.name, endpoint, identity
+        )
+        return snapshot if snapshot.get("open") else None
+
+    async def _our_message_id(self, provider_id: str, conversation_id: str) -> str | None:
+        """Our id of the message the provider knows as ``provider_id``, if it was sent in
+        that conversation (the service records what ``send`` returned; without its
+        ``provider_message`` lookup, None)."""
+        lookup = self.context.service.get("provider_message")
+        if lookup is None:
+            return None
+        found = await lookup(self.name, provider_id)
+        if found is None or getattr(found, "conversation_id", None) != conversation_id:
+            return None
+        message_id = getattr(found, "message_id", None)
+        return str(message_id) if message_id else None
 
     # outbound --------------------------------------------------------------------------
+    async def _send_parts(
+        self,
+        message: OutboundMessage,
+        bodies: Sequence[dict[str, Any]],
+        send_one: Callable[[dict[str, Any], str], Awaitable[str | None]],
+    ) -> str | None:
+        """Send a message's parts in order, each with its own idempotency key; return the
+        last part's provider id. When a later part fails and the outbox tries the message
+        again, the parts Graph already accepted are not sent again."""
+        keys = part_keys(message.idempotency_key, len(bodies))
+        provider_id: str | None = None
+        for body, key in zip(bodies, keys, strict=True):
+            if key in self._sent_parts:
+                provider_id = self._sent_parts[key]
+                continue
+            provider_id = await send_one(body, key)
+            if len(keys) > 1:
+                self._sent_parts[key] = provider_id
+                if len(self._sent_parts) > SENT_PARTS_KEPT:
+                    self._sent_parts.popitem(last=False)
+        return provider_id
+
     async def _graph_call(
         self,
         method: str,

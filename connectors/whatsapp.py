@@ -30,11 +30,17 @@ from connectors.meta import (
     GraphCodes,
     MetaAppSettings,
     MetaChannel,
+    OutboundMedia,
     Payload,
     buttons_of,
+    clean,
     ensure_unique,
     final_failure,
-    fit_buttons,
+    joined,
+    media_of,
+    numbered,
+    split_tail,
+    split_text,
     unknown_endpoint,
 )
 from controller.errors import ChannelSendError, ConnectorError
@@ -54,6 +60,17 @@ GRAPH_CODES = GraphCodes(
 )
 MAX_BUTTONS = 3
 MAX_BUTTON_TITLE = 20
+MAX_BUTTON_ID = 256
+MAX_LIST_ROWS = 10
+MAX_LIST_TITLE = 24
+MAX_LIST_ROW_ID = 200
+# Characters: a text body, a media caption, the body of reply buttons / of a list.
+MAX_TEXT = 4096
+MAX_CAPTION = 1024
+MAX_BUTTONS_BODY = 1024
+MAX_LIST_BODY = 4096
+CAPTIONED = frozenset({"image", "video", "document"})  # audio and stickers take no caption
+HEADER_MEDIA = frozenset({"image", "video", "document"})  # media an interactive header shows
 # Free-form messages only within 24 h of the customer's last message (sheet §4).
 SERVICE_WINDOW = timedelta(hours=24)
 MEDIA_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -85,6 +102,8 @@ class WhatsAppSettings(MetaAppSettings):
     mark_read: bool = True
     # With the read receipt, show a typing indicator (the sheet marks it unverified).
     typing_indicator: bool = False
+    # The label of the button that opens a list message (4 to 10 choices).
+    list_button_label: str = Field("Choose", min_length=1, max_length=20)
 
     @model_validator(mode="after")
     def _unique_endpoints(self) -> WhatsAppSettings:
@@ -182,6 +201,7 @@ class _Status(_Payload):
     timestamp: str | None = None
     errors: list[_Error] = Field(default_factory=list)
     pricing: dict[str, Any] | None = None
+    biz_opaque_callback_data: str | None = None
 
 
 class _Profile(_Payload):
@@ -253,6 +273,9 @@ class WhatsAppChannel(MetaChannel[_Value]):
     channel: ClassVar[str] = CHANNEL
     webhook_object: ClassVar[str] = "whatsapp_business_account"
     graph_codes: ClassVar[GraphCodes] = GRAPH_CODES
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {"text", "buttons", "lists", "images", "media", "templates"}
+    )
     settings_model: ClassVar[type[ConnectorSettings]] = WhatsAppSettings
     settings: WhatsAppSettings
 
@@ -291,6 +314,7 @@ class WhatsAppChannel(MetaChannel[_Value]):
     async def _events(self, values: Sequence[_Value]) -> list[NewEvent]:
         events: list[NewEvent] = []
         open_conversations: dict[tuple[str, str], str | None] = {}
+        message_ids: dict[tuple[str, str], str | None] = {}
         for value in values:
             endpoint = value.metadata.phone_number_id
             if endpoint not in self._endpoints:
@@ -317,7 +341,8 @@ class WhatsAppChannel(MetaChannel[_Value]):
             for status in value.statuses:
                 key = (endpoint, status.recipient_id)
                 if key not in open_conversations:
-                    open_conversations[key] = await self._open_conversation(*key)
+                    snapshot = await self._open_conversation(*key)
+                    open_conversations[key] = snapshot["conversation_id"] if snapshot else None
                 conversation_id = open_conversations[key]
                 if conversation_id is None:
                     log.info(
@@ -326,7 +351,12 @@ class WhatsAppChannel(MetaChannel[_Value]):
                         status=status.status,
                     )
                     continue
-                events.extend(self._status_events(endpoint, conversation_id, status))
+                if (status.id, conversation_id) not in message_ids:
+                    message_ids[(status.id, conversation_id)] = await self._our_message_id(
+                        status.id, conversation_id
+                    )
+                message_id = message_ids[(status.id, conversation_id)]
+                events.extend(self._status_events(endpoint, conversation_id, status, message_id))
         return events
 
     def _message_event(
@@ -397,11 +427,12 @@ class WhatsAppChannel(MetaChannel[_Value]):
         return {}
 
     def _status_events(
-        self, endpoint: str, conversation_id: str, status: _Status
+        self, endpoint: str, conversation_id: str, status: _Status, message_id: str | None
     ) -> list[NewEvent]:
         """The ``delivery.status``, and a ``delivery.failed`` when a ``failed`` status says
-        the window was closed or the recipient is invalid (Graph reports them late, too)."""
-        events = [self._status_event(endpoint, conversation_id, status)]
+        the window was closed or the recipient is invalid (Graph reports them late, too).
+        ``message_id`` is our id of the message the status is about, when known."""
+        events = [self._status_event(endpoint, conversation_id, status, message_id)]
         error = status.errors[0] if status.errors else None
         reason = final_failure(self.graph_codes, error.code) if error else None
         if status.status == "failed" and error is not None and reason is not None:
@@ -411,22 +442,29 @@ class WhatsAppChannel(MetaChannel[_Value]):
                     source=self._source,
                     dedupe_key=f"{status.id}:delivery_failed",
                     conversation_id=conversation_id,
-                    data={
-                        "reason": reason,
-                        "instance": self.name,
-                        "wamid": status.id,
-                        "error_code": error.code,
-                        "error": f"(#{error.code}) {error.title or ''}".strip()[:500],
-                    },
+                    data=clean(
+                        {
+                            "reason": reason,
+                            "instance": self.name,
+                            "message_id": message_id,
+                            "wamid": status.id,
+                            "error_code": error.code,
+                            "error": f"(#{error.code}) {error.title or ''}".strip()[:500],
+                        }
+                    ),
                 )
             )
         return events
 
-    def _status_event(self, endpoint: str, conversation_id: str, status: _Status) -> NewEvent:
+    def _status_event(
+        self, endpoint: str, conversation_id: str, status: _Status, message_id: str | None
+    ) -> NewEvent:
         error = status.errors[0] if status.errors else None
         data = {
             "status": status.status,
+            "message_id": message_id,
             "wamid": status.id,
+            "callback_data": status.biz_opaque_callback_data,
             "recipient_id": status.recipient_id,
             "phone_number_id": endpoint,
             "sent_at": status.timestamp,
@@ -439,22 +477,27 @@ class WhatsAppChannel(MetaChannel[_Value]):
 
     # outbound --------------------------------------------------------------------------
     async def send(self, message: OutboundMessage) -> str | None:
-        """Send through the conversation's own number and token; return the ``wamid``."""
+        """Send through the conversation's own number and token; return the ``wamid`` (of the
+        last part, when the message goes out in several)."""
         endpoint = self._endpoints.get(message.endpoint)
         if endpoint is None:
             raise unknown_endpoint("phone_number_id", message.endpoint)
         template = self._template(message)
         if template is None:
             self._check_window(message)
-        body = self._send_body(message, template)
         url = f"{self.settings.graph_url}/{endpoint.phone_number_id}/messages"
-        data = await self._graph("POST", url, endpoint, json_body=body)
-        sent = _SendResponse.model_validate(data) if isinstance(data, dict) else None
-        if sent is None or not sent.messages:
-            # Accepted (2xx) without an id: sending again would duplicate the message.
-            log.warning("whatsapp_send_without_id", instance=self.name)
-            return None
-        return sent.messages[0].id
+
+        async def send_one(body: dict[str, Any], key: str) -> str | None:
+            full = {**self._common(message), **body, "biz_opaque_callback_data": key}
+            data = await self._graph("POST", url, endpoint, json_body=full)
+            sent = _SendResponse.model_validate(data) if isinstance(data, dict) else None
+            if sent is None or not sent.messages:
+                # Accepted (2xx) without an id: sending again would duplicate the message.
+                log.warning("whatsapp_send_without_id", instance=self.name)
+                return None
+            return sent.messages[0].id
+
+        return await self._send_parts(message, self._bodies(message, template), send_one)
 
     @staticmethod
     def _template(message: OutboundMessage) -> OutboundTemplate | None:
@@ -482,36 +525,80 @@ class WhatsAppChannel(MetaChannel[_Value]):
                 retryable=False,
             )
 
-    def _send_body(
-        self, message: OutboundMessage, template: OutboundTemplate | None = None
-    ) -> dict[str, Any]:
-        text = str(message.message.get("text", ""))
-        common = {
+    @staticmethod
+    def _common(message: OutboundMessage) -> dict[str, Any]:
+        return {
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
             "to": message.identity,
         }
+
+    def _bodies(
+        self, message: OutboundMessage, template: OutboundTemplate | None = None
+    ) -> list[dict[str, Any]]:
+        """The parts (``type`` and its object) that deliver one outbound message, in order.
+
+        A template is one part. Otherwise: text over 4096 characters is cut into several
+        text parts; buttons become reply buttons (1-3, titles up to 20 characters) or a list
+        (up to 10, titles up to 24), else numbered lines of text; media goes with the text
+        as its caption when it fits (1024), else after the text; reply buttons show an
+        image, video or document as their header.
+        """
         if template is not None:
-            return {**common, "type": "template", "template": template.wire()}
+            return [{"type": "template", "template": template.wire()}]
+        text = str(message.message.get("text") or "")
         buttons = buttons_of(message.message.get("buttons"))
-        # Too many or too long for reply buttons → numbered text.
-        text, use_buttons = fit_buttons(text, buttons, MAX_BUTTONS, MAX_BUTTON_TITLE)
-        if use_buttons:
-            return {
-                **common,
-                "type": "interactive",
-                "interactive": {
-                    "type": "button",
-                    "body": {"text": text},
-                    "action": {
-                        "buttons": [
-                            {"type": "reply", "reply": {"id": bid, "title": title}}
-                            for bid, title in buttons
-                        ]
-                    },
+        media = media_of(message.message)
+        style = _button_style(text, buttons)
+        if style is None and buttons:
+            text = numbered(text, buttons)
+        if style is None:
+            if media is None:
+                return [_text(part) for part in split_text(text, MAX_TEXT)]
+            lead, caption = (text, media.caption) if media.caption is not None else ("", text)
+            if media.type not in CAPTIONED or len(caption) > MAX_CAPTION:
+                lead, caption = joined(lead, caption), ""
+            texts = [_text(part) for part in split_text(lead, MAX_TEXT)] if lead else []
+            return [*texts, _media(media, caption)]
+        parts: list[dict[str, Any]] = []
+        header: dict[str, Any] | None = None
+        if media is not None and style == "button" and media.type in HEADER_MEDIA:
+            header = _header(media)
+            text = joined(media.caption, text)
+        elif media is not None:
+            # A list shows no media, nor do buttons audio or a sticker: the media goes first.
+            caption = media.caption or ""
+            if media.type not in CAPTIONED or len(caption) > MAX_CAPTION:
+                text, caption = joined(caption, text), ""
+            parts.append(_media(media, caption))
+        head, body = split_tail(text, MAX_BUTTONS_BODY if style == "button" else MAX_LIST_BODY)
+        if head:
+            parts.extend(_text(part) for part in split_text(head, MAX_TEXT))
+        interactive: dict[str, Any]
+        if style == "button":
+            interactive = {
+                "type": "button",
+                "body": {"text": body},
+                "action": {
+                    "buttons": [
+                        {"type": "reply", "reply": {"id": bid, "title": title}}
+                        for bid, title in buttons
+                    ]
                 },
             }
-        return {**common, "type": "text", "text": {"preview_url": False, "body": text}}
+            if header is not None:
+                interactive = {"type": "button", "header": header, **interactive}
+        else:
+            interactive = {
+                "type": "list",
+                "body": {"text": body},
+                "action": {
+                    "button": self.settings.list_button_label,
+                    "sections": [{"rows": [{"id": bid, "title": title} for bid, title in buttons]}],
+                },
+            }
+        parts.append({"type": "interactive", "interactive": interactive})
+        return parts
 
     async def _graph(
         self,
@@ -666,6 +753,44 @@ class WhatsAppChannel(MetaChannel[_Value]):
                 return
         self._count("media_downloaded")
         log.info("whatsapp_media_stored", instance=self.name, media_id=media_id, sha256=digest)
+
+
+def _button_style(text: str, buttons: list[tuple[str, str]]) -> str | None:
+    """``button`` (reply buttons), ``list`` or None (numbered text) for a message's buttons.
+
+    Both need a body text and distinct ids."""
+    if not buttons or not text.strip() or len({bid for bid, _ in buttons}) < len(buttons):
+        return None
+    if len(buttons) <= MAX_BUTTONS and all(
+        len(title) <= MAX_BUTTON_TITLE and len(bid) <= MAX_BUTTON_ID for bid, title in buttons
+    ):
+        return "button"
+    if len(buttons) <= MAX_LIST_ROWS and all(
+        len(title) <= MAX_LIST_TITLE and len(bid) <= MAX_LIST_ROW_ID for bid, title in buttons
+    ):
+        return "list"
+    return None
+
+
+def _text(body: str) -> dict[str, Any]:
+    return {"type": "text", "text": {"preview_url": False, "body": body}}
+
+
+def _media(media: OutboundMedia, caption: str) -> dict[str, Any]:
+    """A media part by link; ``filename`` for documents, the caption where one is shown."""
+    obj: dict[str, Any] = {"link": media.url}
+    if caption and media.type in CAPTIONED:
+        obj["caption"] = caption
+    if media.filename and media.type == "document":
+        obj["filename"] = media.filename
+    return {"type": media.type, media.type: obj}
+
+
+def _header(media: OutboundMedia) -> dict[str, Any]:
+    obj: dict[str, Any] = {"link": media.url}
+    if media.filename and media.type == "document":
+        obj["filename"] = media.filename
+    return {"type": media.type, media.type: obj}
 
 
 def _write_media(

@@ -112,6 +112,7 @@ def _add_connector_routes(app: web.Application) -> None:
         service={
             "history": lambda i, e, v: _history(app, i, e, v),
             "present_customers": lambda instance: app[STORE].present_customers(instance),
+            "provider_message": lambda i, p: app[STORE].provider_message(i, p),
             "metrics": app[METRICS],
         },
     )
@@ -296,7 +297,7 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
         # A channel that cannot show an image gets its address as text.
         message.pop("image")
         message["text"] = "\n".join(t for t in (message.get("text"), str(image)) if t)
-    await channel.send(
+    provider_id = await channel.send(
         OutboundMessage(
             conversation_id=row.conversation_id,
             endpoint=str(row.payload.get("endpoint", "")),
@@ -306,6 +307,22 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
             customer_last_at=datetime.fromisoformat(last_at) if isinstance(last_at, str) else None,
         )
     )
+    message_id = message.get("id")
+    if not provider_id or not isinstance(message_id, str) or not message_id:
+        return
+    # Delivery statuses name the provider's id; remember which of our messages it is. The
+    # message is sent: failing to remember must not make the outbox send it again.
+    try:
+        await app[STORE].record_provider_message(
+            instance, provider_id, row.conversation_id, message_id, app[CLOCK].now()
+        )
+    except Exception as exc:
+        log.warning(
+            "provider_id_not_recorded",
+            instance=instance,
+            provider_id=provider_id,
+            error=f"{type(exc).__name__}: {exc}",
+        )
 
 
 CHANNEL_FAILURES = ("window_closed", "invalid_recipient", "rate_limited")

@@ -1,12 +1,13 @@
 """A fake Meta Graph API (WhatsApp Cloud, Messenger) and a fake Meta webhook sender, for tests.
 
-``FakeGraph`` is a real aiohttp server on 127.0.0.1 (ephemeral port): it records every request,
-answers ``POST /{version}/{phone_number_id}/messages`` with a fresh ``wamid``, serves media
-(info + bytes), checks what Graph checks (Bearer token of the number, ``messaging_product``,
-payload key matching ``type``, reply buttons) and can be scripted to fail. For Messenger it
-answers ``POST /{version}/me/messages`` (Page token in the ``access_token`` query parameter,
-``recipient.id``, ``messaging_type`` / ``tag``, exactly one of ``message`` / ``sender_action``,
-quick replies) with a fresh ``mid``.
+``FakeGraph`` is a real aiohttp server on 127.0.0.1 (ephemeral port): it records every request
+(and its answer), answers ``POST /{version}/{phone_number_id}/messages`` with a fresh ``wamid``,
+serves media (info + bytes), checks what Graph checks (Bearer token of the number,
+``messaging_product``, payload key matching ``type``, text and caption lengths, media by
+``link``/``id``, reply buttons, list messages, interactive headers) and can be scripted to fail.
+For Messenger it answers ``POST /{version}/me/messages`` (Page token in the ``access_token``
+query parameter, ``recipient.id``, ``messaging_type`` / ``tag``, exactly one of ``message`` /
+``sender_action``, text length, attachments by URL, quick replies) with a fresh ``mid``.
 ``MetaSender`` (alias ``WhatsAppSender``, ``MessengerSender``) signs webhook bodies with the app
 secret and POSTs them; the builders below make WhatsApp and Messenger payloads.
 Everything waits on conditions, never on fixed sleeps.
@@ -41,6 +42,18 @@ class GraphRequest:
     json: Any
     status: int  # what the fake answered
     page_id: str | None = None  # Messenger: the Page whose token was used
+    response: Any = None  # the JSON body the fake answered with
+
+    @property
+    def provider_id(self) -> str | None:
+        """The id the fake gave an accepted send (a ``wamid`` or a Messenger ``mid``)."""
+        if not isinstance(self.response, dict):
+            return None
+        if "message_id" in self.response:
+            return str(self.response["message_id"])
+        messages = self.response.get("messages") or [{}]
+        found = messages[0].get("id")
+        return str(found) if found else None
 
     @property
     def token(self) -> str | None:
@@ -78,7 +91,8 @@ class GraphRequest:
 @dataclass
 class GraphFailure:
     """A scripted error answer: ``times`` (None = always) for sends matching ``to`` (the
-    recipient: WhatsApp ``to``, Messenger ``recipient.id``) and the number or Page."""
+    recipient: WhatsApp ``to``, Messenger ``recipient.id``) and the number or Page, once
+    ``after`` matching sends went through."""
 
     status: int
     code: int
@@ -88,6 +102,7 @@ class GraphFailure:
     to: str | None = None
     phone_number_id: str | None = None
     subcode: int | None = None
+    after: int = 0
 
     def matches(self, endpoint: str, body: Any) -> bool:
         if self.times is not None and self.times <= 0:
@@ -157,10 +172,12 @@ class FakeGraph:
         message: str = "scripted failure",
         details: str = "",
         subcode: int | None = None,
+        after: int = 0,
     ) -> GraphFailure:
-        """Answer the next ``times`` matching sends (None: all of them) with a Graph error."""
+        """Answer the next ``times`` matching sends (None: all of them) with a Graph error,
+        letting the first ``after`` matching sends through."""
         endpoint = phone_number_id or page_id
-        failure = GraphFailure(status, code, message, details, times, to, endpoint, subcode)
+        failure = GraphFailure(status, code, message, details, times, to, endpoint, subcode, after)
         self.failures.append(failure)
         return failure
 
@@ -191,7 +208,12 @@ class FakeGraph:
 
     # handlers ----------------------------------------------------------------------------
     async def _record(
-        self, request: web.Request, body: Any, status: int, page_id: str | None = None
+        self,
+        request: web.Request,
+        body: Any,
+        status: int,
+        page_id: str | None = None,
+        response: Any = None,
     ) -> None:
         async with self._changed:
             self.requests.append(
@@ -203,6 +225,7 @@ class FakeGraph:
                     body,
                     status,
                     page_id,
+                    response,
                 )
             )
             self._changed.notify_all()
@@ -215,13 +238,16 @@ class FakeGraph:
         payload: dict[str, Any],
         page_id: str | None = None,
     ) -> web.Response:
-        await self._record(request, body, status, page_id)
+        await self._record(request, body, status, page_id, payload)
         return web.json_response(payload, status=status)
 
     def _scripted(self, endpoint: str, body: Any) -> GraphFailure | None:
         """The first scripted failure for this send, used up by one."""
         for failure in self.failures:
             if failure.matches(endpoint, body):
+                if failure.after > 0:
+                    failure.after -= 1
+                    continue
                 if failure.times is not None:
                     failure.times -= 1
                 return failure
@@ -389,6 +415,10 @@ def _invalid_page_send(body: Any) -> str | None:
         return "message needs exactly one of text and attachment"
     if "text" in msg and not 1 <= len(str(msg["text"]).strip()) <= 2000:
         return "message.text must have 1 to 2000 characters"
+    if "attachment" in msg and (problem := _invalid_attachment(msg["attachment"])) is not None:
+        return problem
+    if "metadata" in msg and not 1 <= len(str(msg["metadata"])) <= 1000:
+        return "message.metadata must have 1 to 1000 characters"
     replies = msg.get("quick_replies", [])
     if not isinstance(replies, list) or len(replies) > 13:
         return "at most 13 quick replies"
@@ -397,6 +427,79 @@ def _invalid_page_send(body: Any) -> str | None:
             1 <= len(reply.get("title", "")) <= 20 and reply.get("payload")
         ):
             return "a text quick reply needs a title of 1 to 20 characters and a payload"
+    return None
+
+
+ATTACHMENT_TYPES = frozenset({"image", "audio", "video", "file"})
+
+
+def _invalid_attachment(attachment: Any) -> str | None:
+    """What the Send API would reject in an attachment sent by URL, or None."""
+    if not isinstance(attachment, dict) or attachment.get("type") not in ATTACHMENT_TYPES:
+        return "attachment.type must be image, audio, video or file"
+    payload = attachment.get("payload")
+    if not isinstance(payload, dict) or not str(payload.get("url", "")).startswith("http"):
+        return "attachment.payload.url is required"
+    return None
+
+
+MEDIA_TYPES = frozenset({"image", "audio", "video", "document", "sticker"})
+CAPTIONED = frozenset({"image", "video", "document"})
+
+
+def _invalid_media(kind: str, media: dict[str, Any]) -> str | None:
+    """What Graph would reject in a media object (by ``link`` or uploaded ``id``), or None."""
+    if ("link" in media) == ("id" in media):
+        return f"{kind} needs exactly one of link and id"
+    if "caption" in media and (kind not in CAPTIONED or not 1 <= len(media["caption"]) <= 1024):
+        return "a caption (image, video, document only) has 1 to 1024 characters"
+    if "filename" in media and kind != "document":
+        return "only documents have a filename"
+    return None
+
+
+def _invalid_interactive(interactive: dict[str, Any]) -> str | None:
+    """What Graph would reject in reply buttons or a list message, or None."""
+    kind = interactive.get("type")
+    body = str((interactive.get("body") or {}).get("text", ""))
+    action = interactive.get("action") or {}
+    if kind == "button":
+        if not 1 <= len(body) <= 1024:
+            return "reply buttons need a body text of 1 to 1024 characters"
+        buttons = action.get("buttons", [])
+        if not 1 <= len(buttons) <= 3:
+            return "reply buttons: 1 to 3 buttons"
+        if any(not 1 <= len(b.get("reply", {}).get("title", "")) <= 20 for b in buttons):
+            return "reply button titles have 1 to 20 characters"
+        if len({b["reply"].get("id") for b in buttons}) < len(buttons):
+            return "reply button ids must be unique"
+        header = interactive.get("header")
+        if header is not None:
+            htype = header.get("type")
+            if htype == "text":
+                return None if header.get("text") else "a text header needs a text"
+            if htype not in ("image", "video", "document") or not isinstance(
+                header.get(htype), dict
+            ):
+                return "a header is text, image, video or document"
+            return _invalid_media(htype, header[htype])
+    elif kind == "list":
+        if not 1 <= len(body) <= 4096:
+            return "a list needs a body text of 1 to 4096 characters"
+        if not 1 <= len(str(action.get("button", ""))) <= 20:
+            return "a list needs a button label of 1 to 20 characters"
+        sections = action.get("sections", [])
+        rows = [row for section in sections for row in section.get("rows", [])]
+        if not 1 <= len(sections) <= 10 or not 1 <= len(rows) <= 10:
+            return "a list has 1 to 10 sections and 1 to 10 rows in all"
+        if len(sections) > 1 and any(not s.get("title") for s in sections):
+            return "sections of a list with several need a title"
+        if any(not 1 <= len(r.get("title", "")) <= 24 for r in rows):
+            return "list row titles have 1 to 24 characters"
+        if any(not 1 <= len(str(r.get("id", ""))) <= 200 for r in rows):
+            return "list row ids have 1 to 200 characters"
+        if len({r["id"] for r in rows}) < len(rows):
+            return "list row ids must be unique"
     return None
 
 
@@ -413,6 +516,12 @@ def _invalid_send(body: Any) -> str | None:
         return f"a message of type {kind!r} needs the {kind!r} object"
     if kind == "text" and not str(body["text"].get("body", "")).strip():
         return "text.body is required"
+    if kind == "text" and len(body["text"]["body"]) > 4096:
+        return "text.body has at most 4096 characters"
+    if kind in MEDIA_TYPES and (problem := _invalid_media(kind, body[kind])) is not None:
+        return problem
+    if len(str(body.get("biz_opaque_callback_data", ""))) > 512:
+        return "biz_opaque_callback_data has at most 512 characters"
     if kind == "template":
         template = body["template"]
         if not template.get("name") or not isinstance(template.get("language"), dict):
@@ -420,12 +529,8 @@ def _invalid_send(body: Any) -> str | None:
         for component in template.get("components", []):
             if any(p.get("type") != "text" or "text" not in p for p in component["parameters"]):
                 return "template text parameters need a text"
-    if kind == "interactive" and body["interactive"].get("type") == "button":
-        buttons = body["interactive"].get("action", {}).get("buttons", [])
-        if not 1 <= len(buttons) <= 3:
-            return "reply buttons: 1 to 3 buttons"
-        if any(len(b.get("reply", {}).get("title", "")) > 20 for b in buttons):
-            return "reply button titles are at most 20 characters"
+    if kind == "interactive":
+        return _invalid_interactive(body["interactive"])
     return None
 
 
@@ -460,9 +565,15 @@ def message(
 
 
 def status(
-    wamid: str, state: str, recipient: str, *, error_code: int | None = None
+    wamid: str,
+    state: str,
+    recipient: str,
+    *,
+    error_code: int | None = None,
+    callback_data: str | None = None,
 ) -> dict[str, Any]:
-    """One ``statuses[]`` item; ``failed`` ones carry ``errors[]`` with ``error_code``."""
+    """One ``statuses[]`` item; ``failed`` ones carry ``errors[]`` with ``error_code``;
+    ``callback_data`` is the ``biz_opaque_callback_data`` of the send."""
     item: dict[str, Any] = {
         "id": wamid,
         "status": state,
@@ -470,6 +581,8 @@ def status(
         "recipient_id": recipient,
         "pricing": {"billable": True, "pricing_model": "PMP", "category": "service"},
     }
+    if callback_data is not None:
+        item["biz_opaque_callback_data"] = callback_data
     if error_code is not None:
         item["errors"] = [
             {

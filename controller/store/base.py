@@ -91,6 +91,18 @@ class Message:
     content: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderMessage:
+    """What a channel's provider calls one of our messages (a WhatsApp ``wamid``, a
+    Messenger ``mid``), recorded when the send returned it."""
+
+    instance: str
+    provider_id: str
+    conversation_id: str
+    message_id: str
+    sent_at: datetime
+
+
 @dataclass(slots=True)
 class DecisionRecord:
     """Everything one decided event changes, committed in one transaction."""
@@ -218,6 +230,22 @@ class Store(abc.ABC):
     async def messages(
         self, conversation_id: str, *, include_agent_only: bool
     ) -> list[Message]: ...
+
+    @abc.abstractmethod
+    async def record_provider_message(
+        self,
+        instance: str,
+        provider_id: str,
+        conversation_id: str,
+        message_id: str,
+        sent_at: datetime,
+    ) -> None:
+        """Remember the provider's id of a message a channel instance sent (recording the
+        same (instance, provider id) again keeps the first record)."""
+
+    @abc.abstractmethod
+    async def provider_message(self, instance: str, provider_id: str) -> ProviderMessage | None:
+        """Which of our messages a channel instance's provider id stands for."""
 
     # outbox ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -41,6 +41,7 @@ from controller.store.base import (
     Message,
     OfferRecord,
     OutboxRow,
+    ProviderMessage,
     QueuedConversation,
     Replay,
     RouterSnapshot,
@@ -420,6 +421,35 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
+    async def record_provider_message(
+        self,
+        instance: str,
+        provider_id: str,
+        conversation_id: str,
+        message_id: str,
+        sent_at: datetime,
+    ) -> None:
+        await self._write(
+            lambda conn: conn.execute(
+                "INSERT OR IGNORE INTO provider_messages (instance, provider_id, "
+                "conversation_id, message_id, sent_at) VALUES (?, ?, ?, ?, ?)",
+                (instance, provider_id, conversation_id, message_id, _ts(sent_at)),
+            )
+        )
+
+    async def provider_message(self, instance: str, provider_id: str) -> ProviderMessage | None:
+        def run(conn: sqlite3.Connection) -> ProviderMessage | None:
+            row = conn.execute(
+                "SELECT conversation_id, message_id, sent_at FROM provider_messages "
+                "WHERE instance = ? AND provider_id = ?",
+                (instance, provider_id),
+            ).fetchone()
+            if row is None:
+                return None
+            return ProviderMessage(instance, provider_id, row[0], row[1], _dt(row[2]))
+
+        return await self._read(run)
+
     # outbox ------------------------------------------------------------------------------
     async def claim_outbox(self, now: datetime, limit: int) -> list[OutboxRow]:
         def run(conn: sqlite3.Connection) -> list[OutboxRow]:
@@ -750,7 +780,15 @@ class SqliteStore(Store):
 
     async def count(self, table: str) -> int:
         """Rows in a table (for tests and benchmarks)."""
-        if table not in {"events", "conversations", "decisions", "outbox", "timers", "messages"}:
+        if table not in {
+            "events",
+            "conversations",
+            "decisions",
+            "outbox",
+            "timers",
+            "messages",
+            "provider_messages",
+        }:
             raise ValueError(table)
         return await self._read(
             lambda conn: conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]

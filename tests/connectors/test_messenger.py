@@ -13,7 +13,7 @@ from connectors.base import OutboundMessage
 from connectors.messenger import MessengerChannel
 from controller.clock import ManualClock
 from controller.errors import ChannelSendError, ConfigError
-from controller.keys import CHANNELS
+from controller.keys import CHANNELS, CONNECTOR_CONTEXT
 from controller.settings import ConnectorInstance
 from controller.testing import Service
 from controller.testing_graph import (
@@ -474,3 +474,167 @@ async def test_placeholder_secrets_and_bad_settings_refuse_to_start(
     )
     with pytest.raises(ConfigError, match="invalid settings"):
         await make_service(connectors=[inst], profile="prod")
+
+
+# attachments, long texts -------------------------------------------------------------------------
+def channel_of(svc: Service) -> MessengerChannel:
+    channel = svc.app[CHANNELS]["messenger"]
+    assert isinstance(channel, MessengerChannel)
+    return channel
+
+
+def outbound(text: str = "", key: str = "k1", **extra: Any) -> OutboundMessage:
+    msg = {"id": "m1", "from": "bot", "text": text, **extra}
+    return OutboundMessage("cv_1", PAGE_A, USER, msg, key)
+
+
+async def test_image_goes_after_its_text_as_an_attachment(ms: Setup) -> None:
+    svc, _, graph = ms
+    channel = channel_of(svc)
+    assert {"images", "media"} <= channel.capabilities
+    url = "https://example.com/label.png"
+    mid = await channel.send(outbound("Your shipping label", key="ev_1:0", image=url))
+    text, image = graph.sent()
+    assert text.json["message"] == {"text": "Your shipping label", "metadata": "ev_1:0:1"}
+    assert image.json["message"] == {
+        "attachment": {"type": "image", "payload": {"url": url, "is_reusable": True}},
+        "metadata": "ev_1:0:2",
+    }
+    assert mid == image.provider_id  # the last part's
+    assert {r.json["messaging_type"] for r in graph.sent()} == {"RESPONSE"}
+    # An image alone is one attachment.
+    await channel.send(outbound("", image=url))
+    assert "attachment" in graph.sent()[-1].json["message"] and len(graph.sent()) == 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "attachment_type"),
+    [
+        ("image", "image"),
+        ("audio", "audio"),
+        ("video", "video"),
+        ("document", "file"),
+        ("sticker", "image"),
+    ],
+)
+async def test_media_types_become_attachment_types(
+    ms: Setup, kind: str, attachment_type: str
+) -> None:
+    svc, _, graph = ms
+    media = {"type": kind, "url": "https://e.com/f", "filename": "f.bin", "caption": "About it"}
+    if kind != "document":
+        media.pop("filename")
+    await channel_of(svc).send(outbound("Here", media=media))
+    text, attachment = graph.sent()
+    assert text_of(text) == "Here\n\nAbout it"  # Messenger shows no captions: text first
+    assert attachment.json["message"]["attachment"]["type"] == attachment_type
+    assert attachment.json["message"]["attachment"]["payload"]["url"] == "https://e.com/f"
+
+
+async def test_quick_replies_ride_on_the_last_part(ms: Setup) -> None:
+    svc, _, graph = ms
+    channel = channel_of(svc)
+    url = "https://example.com/shoe.jpg"
+    await channel.send(outbound("This one?", image=url, buttons=["Yes", "No"]))
+    text, image = graph.sent()
+    assert "quick_replies" not in text.json["message"]
+    assert [q["title"] for q in image.json["message"]["quick_replies"]] == ["Yes", "No"]
+    # No text: the quick replies still go, on the attachment.
+    await channel.send(outbound("", image=url, buttons=["Yes", "No"]))
+    assert len(graph.sent()) == 3 and "quick_replies" in graph.sent()[-1].json["message"]
+    # A long text: only its last part has them.
+    long = "A sentence of some length. " * 100  # 2700 characters
+    await channel.send(outbound(long, key="k9", buttons=["More", "Done"]))
+    first, last = graph.sent()[3:]
+    assert "quick_replies" not in first.json["message"] and "quick_replies" in last.json["message"]
+    assert all(r.status == 200 for r in graph.requests)
+
+
+async def test_bad_media_is_a_final_failure(ms: Setup) -> None:
+    svc, _, graph = ms
+    with pytest.raises(ChannelSendError, match="invalid media") as exc:
+        await channel_of(svc).send(outbound("x", media={"type": "image", "url": "ftp://x"}))
+    assert not exc.value.retryable
+    assert graph.requests == []
+
+
+async def test_long_text_is_sent_in_parts(ms: Setup) -> None:
+    svc, _, graph = ms
+    sentences = [f"Sentence number {i} says something useful." for i in range(120)]
+    text = " ".join(sentences)  # about 5,000 characters, no paragraphs
+    mid = await channel_of(svc).send(outbound(text, key="ev_3:1"))
+    sent = graph.sent()
+    parts = [text_of(r) for r in sent]
+    assert len(parts) == 3 and all(len(p) <= 2000 for p in parts)
+    assert all(p.endswith(".") for p in parts)  # cut at sentence ends
+    assert " ".join(parts) == text
+    assert [r.json["message"]["metadata"] for r in sent] == ["ev_3:1:1", "ev_3:1:2", "ev_3:1:3"]
+    assert mid == sent[-1].provider_id
+
+
+async def test_agent_text_over_2000_characters_through_the_outbox_with_a_retry(
+    ms: Setup,
+) -> None:
+    """An agent's long message goes in two parts; the second fails once (5xx) and the outbox
+    tries the message again: the first part is not sent twice."""
+    svc, sender, graph = ms
+    await sender.post(page_envelope((PAGE_A, [messenger_text(USER, PAGE_A, "agent", "m_A")])))
+    cid = await conversation_of(svc)
+    alice = await svc.agent("alice")
+    await alice.available()
+    await alice.take(cid)
+    await graph.wait_sent(1, lambda r: "now chatting with alice" in text_of(r))
+    before = len(graph.sent())
+    graph.fail(status=500, code=2, times=1, after=1)
+    long = "\n\n".join(["First paragraph. " * 70, "Second paragraph. " * 70]).strip()
+    assert 2000 < len(long) <= 4096
+    assert (await alice.say(cid, long))["type"] == "ack"
+    await graph.wait_sent(before + 2)
+    await svc.settle()
+    parts = graph.sent()[before:]
+    assert [text_of(r)[:6] for r in parts] == ["First ", "Second"]
+    assert [r.status for r in graph.requests if r.status != 200] == [500]
+    assert await svc.store.outbox_rows("dead") == []
+
+
+# statuses name our messages ----------------------------------------------------------------------
+def link_statuses(svc: Service) -> None:
+    """The service's ``provider_message`` lookup for connectors (added here when the service
+    does not give it yet)."""
+    svc.app[CONNECTOR_CONTEXT].service.setdefault(
+        "provider_message", lambda instance, pid: svc.store.provider_message(instance, pid)
+    )
+
+
+async def test_delivery_and_read_carry_our_message_id(ms: Setup) -> None:
+    svc, sender, graph = ms
+    link_statuses(svc)
+    await sender.post(page_envelope((PAGE_A, [messenger_text(USER, PAGE_A, "hi", "m_ST")])))
+    [sent] = await graph.wait_sent(1)
+    await svc.settle()
+    cid = await conversation_of(svc)
+    transcript = await svc.store.messages(cid, include_agent_only=False)
+    [reply] = [m for m in transcript if m.sender_role == "bot"]
+    assert sent.provider_id is not None
+    recorded = await svc.store.provider_message("messenger", sent.provider_id)
+    assert recorded is not None and recorded.message_id == reply.id
+
+    now_ms = int(reply.created_at.timestamp() * 1000)
+    items = [
+        messaging_item(USER, PAGE_A, delivery={"mids": [sent.provider_id], "watermark": now_ms}),
+        messaging_item(USER, PAGE_A, read={"watermark": now_ms + 1000}),
+        # Before our reply, nothing of ours was read.
+        messaging_item(USER, PAGE_A, read={"watermark": now_ms - 60_000}),
+        # Unknown mids: the watermark decides.
+        messaging_item(USER, PAGE_A, delivery={"mids": ["m_OTHER"], "watermark": now_ms + 5}),
+    ]
+    code, body = await sender.post(page_envelope((PAGE_A, items)))
+    assert code == 200 and body["events"] == 4
+    found = await events_of(svc, cid, "delivery.status")
+    assert [(e.data["status"], e.data.get("message_id")) for e in found] == [
+        ("delivered", reply.id),
+        ("read", reply.id),
+        ("read", None),
+        ("delivered", reply.id),
+    ]
+    assert found[0].data["message_ids"] == [reply.id]

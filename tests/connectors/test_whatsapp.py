@@ -13,11 +13,12 @@ import pytest
 import structlog
 
 from connectors.base import OutboundMessage
+from connectors.meta import split_tail, split_text
 from connectors.whatsapp import WhatsAppChannel
 from controller.app import _deliver_channel
 from controller.clock import ManualClock
 from controller.errors import ChannelSendError, ConfigError, ConnectorError
-from controller.keys import CHANNELS
+from controller.keys import CHANNELS, CONNECTOR_CONTEXT
 from controller.settings import ConnectorInstance
 from controller.store.base import OutboxRow
 from controller.testing import RULES_DIR, Service
@@ -484,8 +485,14 @@ async def test_buttons_become_reply_buttons(
         "title": "Yes",
     }
     assert sent.token == TOKENS[NUMBER_B]
-    await channel.send(out(["a", "b", "c", "d"]))
-    assert graph.sent()[-1].json["text"]["body"].endswith("3. c\n4. d")
+    await channel.send(out([f"option {i}" for i in range(11)]))  # more than a list holds
+    assert graph.sent()[-1].json["text"]["body"].endswith("10. option 9\n11. option 10")
+    await channel.send(out(["a title longer than 24 chars", "b"]))
+    assert graph.sent()[-1].json["text"]["body"].endswith("1. a title longer than 24 chars\n2. b")
+    await channel.send(out(["Yes", "Yes"]))  # two buttons with the same id ("b0", "b1" differ)
+    assert graph.sent()[-1].json["type"] == "interactive"
+    await channel.send(out([{"id": "same", "title": "A"}, {"id": "same", "title": "B"}]))
+    assert graph.sent()[-1].json["text"]["body"].endswith("1. A\n2. B")
 
 
 async def test_media_download(wa: tuple[Service, WhatsAppSender, FakeGraph]) -> None:
@@ -778,3 +785,312 @@ async def test_rules_reengage_a_customer_outside_the_window_with_a_template(
     line = next(m for m in transcript if m.text.startswith("We have an update"))
     assert line.content is not None and line.content["template"]["name"] == "request_update"
     assert len(await events_of(svc, cid, "delivery.failed")) == 1  # no loop
+
+
+# lists, media, long texts --------------------------------------------------------------------
+def outbound(text: str = "", key: str = "k1", **extra: Any) -> OutboundMessage:
+    msg = {"id": "m1", "from": "bot", "text": text, **extra}
+    return OutboundMessage("cv_1", NUMBER_A, USER, msg, key)
+
+
+async def test_four_to_ten_buttons_become_a_list(wa: Setup) -> None:
+    svc, _, graph = wa
+    channel = channel_of(svc)
+    choices = [{"id": f"opt{i}", "title": f"Option number {i}"} for i in range(1, 5)]
+    wamid = await channel.send(outbound("Pick one", buttons=choices))
+    [sent] = graph.sent()
+    assert sent.provider_id == wamid
+    assert sent.json["type"] == "interactive"
+    assert sent.json["interactive"] == {
+        "type": "list",
+        "body": {"text": "Pick one"},
+        "action": {
+            "button": "Choose",
+            "sections": [{"rows": [{"id": c["id"], "title": c["title"]} for c in choices]}],
+        },
+    }
+    # Three buttons whose titles fit a list row (24) but not a reply button (20): a list too.
+    await channel.send(outbound("Which?", buttons=["A title of 22 letters!", "B", "C"]))
+    assert graph.sent()[-1].json["interactive"]["type"] == "list"
+    ten = [f"Choice {i}" for i in range(10)]
+    await channel.send(outbound("Ten", buttons=ten))
+    rows = graph.sent()[-1].json["interactive"]["action"]["sections"][0]["rows"]
+    assert [r["title"] for r in rows] == ten and [r["id"] for r in rows][:2] == ["b0", "b1"]
+    assert all(r.status == 200 for r in graph.requests)
+
+
+async def test_list_button_label_is_a_setting(
+    graph: FakeGraph, make_service: Callable[..., Any]
+) -> None:
+    settings = whatsapp_settings(graph, list_button_label="Options")
+    svc, _, _ = await start(make_service, graph, settings)
+    await channel_of(svc).send(outbound("Pick", buttons=["a", "b", "c", "d"]))
+    assert graph.sent()[-1].json["interactive"]["action"]["button"] == "Options"
+    with pytest.raises(ConfigError, match="invalid settings"):
+        await make_service(
+            connectors=[
+                ConnectorInstance(
+                    name="whatsapp",
+                    type="whatsapp",
+                    settings=whatsapp_settings(graph, list_button_label="x" * 21),
+                )
+            ]
+        )
+
+
+async def test_image_goes_with_its_caption(wa: Setup) -> None:
+    svc, _, graph = wa
+    channel = channel_of(svc)
+    assert {"images", "media"} <= channel.capabilities
+    url = "https://example.com/label.png"
+    wamid = await channel.send(outbound("Your shipping label", image=url))
+    [sent] = graph.sent()
+    assert sent.provider_id == wamid
+    assert sent.json["type"] == "image"
+    assert sent.json["image"] == {"link": url, "caption": "Your shipping label"}
+    assert sent.json["biz_opaque_callback_data"] == "k1"
+    # Without text: no caption.
+    await channel.send(outbound("", image=url))
+    assert graph.sent()[-1].json["image"] == {"link": url}
+
+
+async def test_a_caption_over_1024_characters_goes_first_as_text(wa: Setup) -> None:
+    svc, _, graph = wa
+    long = "A long explanation. " * 60  # 1200 characters
+    url = "https://example.com/label.png"
+    wamid = await channel_of(svc).send(outbound(long, key="ev_1:0", image=url))
+    first, second = graph.sent()
+    assert first.json["type"] == "text" and first.json["text"]["body"] == long
+    assert second.json["type"] == "image" and second.json["image"] == {"link": url}
+    assert wamid == second.provider_id  # the last part's id
+    assert [r.json["biz_opaque_callback_data"] for r in (first, second)] == ["ev_1:0:1", "ev_1:0:2"]
+
+
+@pytest.mark.parametrize(
+    ("media", "expected"),
+    [
+        (
+            {"type": "document", "url": "https://e.com/i.pdf", "filename": "invoice.pdf"},
+            [
+                {
+                    "type": "document",
+                    "document": {
+                        "link": "https://e.com/i.pdf",
+                        "caption": "Here",
+                        "filename": "invoice.pdf",
+                    },
+                }
+            ],
+        ),
+        (
+            {"type": "video", "url": "https://e.com/v.mp4", "caption": "How to"},
+            [
+                {"type": "text", "text": {"preview_url": False, "body": "Here"}},
+                {"type": "video", "video": {"link": "https://e.com/v.mp4", "caption": "How to"}},
+            ],
+        ),
+        (
+            {"type": "audio", "url": "https://e.com/a.ogg"},
+            [
+                {"type": "text", "text": {"preview_url": False, "body": "Here"}},
+                {"type": "audio", "audio": {"link": "https://e.com/a.ogg"}},
+            ],
+        ),
+        (
+            {"type": "sticker", "url": "https://e.com/s.webp", "filename": "s.webp"},
+            [
+                {"type": "text", "text": {"preview_url": False, "body": "Here"}},
+                {"type": "sticker", "sticker": {"link": "https://e.com/s.webp"}},
+            ],
+        ),
+    ],
+)
+async def test_media_types(wa: Setup, media: dict[str, Any], expected: list[Any]) -> None:
+    """Captions go with images, videos and documents; audio and stickers take none (the text
+    goes first); a filename only with documents; an explicit caption leaves the text apart."""
+    svc, _, graph = wa
+    await channel_of(svc).send(outbound("Here", media=media))
+    sent = graph.sent()
+    assert [{k: r.json[k] for k in ("type", r.json["type"])} for r in sent] == expected
+    assert all(r.status == 200 for r in graph.requests)
+
+
+async def test_media_wins_over_image_and_bad_media_is_final(wa: Setup) -> None:
+    svc, _, graph = wa
+    channel = channel_of(svc)
+    media = {"type": "document", "url": "https://e.com/a.pdf"}
+    await channel.send(outbound("Doc", media=media, image="https://e.com/x.png"))
+    assert graph.sent()[-1].json["type"] == "document"
+    for bad in ({"type": "pdf", "url": "https://e.com/a.pdf"}, {"type": "image", "url": "x"}):
+        with pytest.raises(ChannelSendError, match="invalid media") as exc:
+            await channel.send(outbound("Doc", media=bad))
+        assert not exc.value.retryable
+    assert len(graph.requests) == 1
+
+
+async def test_buttons_with_an_image_show_it_as_header(wa: Setup) -> None:
+    svc, _, graph = wa
+    channel = channel_of(svc)
+    url = "https://example.com/shoe.jpg"
+    await channel.send(outbound("This one?", image=url, buttons=["Yes", "No"]))
+    [sent] = graph.sent()
+    assert sent.json["interactive"]["type"] == "button"
+    assert sent.json["interactive"]["header"] == {"type": "image", "image": {"link": url}}
+    assert sent.json["interactive"]["body"] == {"text": "This one?"}
+    # A list cannot show media: the image goes first, then the list.
+    await channel.send(outbound("Which size?", image=url, buttons=["38", "39", "40", "41"]))
+    image, listing = graph.sent()[1:]
+    assert image.json["image"] == {"link": url}
+    assert listing.json["interactive"]["type"] == "list"
+    assert listing.json["interactive"]["body"] == {"text": "Which size?"}
+    # Buttons that fit neither: numbered lines, as the image's caption.
+    await channel.send(outbound("Size?", image=url, buttons=[str(n) for n in range(30, 42)]))
+    last = graph.sent()[-1]
+    assert last.json["type"] == "image"
+    assert last.json["image"]["caption"].startswith("Size?\n1. 30\n2. 31")
+    assert all(r.status == 200 for r in graph.requests)
+
+
+async def test_long_text_is_sent_in_parts(wa: Setup) -> None:
+    svc, _, graph = wa
+    paragraphs = [(f"Paragraph {i}. " + "Some words here. " * 100).strip() for i in range(6)]
+    text = "\n\n".join(paragraphs)  # about 10,300 characters
+    assert len(text) > 2 * 4096
+    wamid = await channel_of(svc).send(outbound(text, key="ev_9:2"))
+    sent = graph.sent()
+    bodies = [r.json["text"]["body"] for r in sent]
+    assert len(bodies) == 3 and all(len(b) <= 4096 for b in bodies)
+    assert "\n\n".join(bodies) == text  # cut between paragraphs, nothing lost, in order
+    assert [r.json["biz_opaque_callback_data"] for r in sent] == [
+        "ev_9:2:1",
+        "ev_9:2:2",
+        "ev_9:2:3",
+    ]
+    assert wamid == sent[-1].provider_id
+
+
+async def test_long_text_before_buttons_keeps_the_end_as_their_body(wa: Setup) -> None:
+    svc, _, graph = wa
+    text = "First sentence is here. " * 60 + "Shall we go on?"  # 1455 characters
+    await channel_of(svc).send(outbound(text, buttons=["Yes", "No"]))
+    lead, buttons = graph.sent()
+    body = buttons.json["interactive"]["body"]["text"]
+    assert len(body) <= 1024 and body.endswith("Shall we go on?")
+    assert body.startswith("First sentence")  # cut at a sentence end
+    assert lead.json["text"]["body"] + " " + body == text
+
+
+async def test_a_failed_part_is_retried_without_sending_the_earlier_parts_again(
+    wa: Setup,
+) -> None:
+    svc, _, graph = wa
+    text = "\n\n".join(["x" * 3000, "y" * 3000])
+    graph.fail(status=500, code=131000, times=1, after=1)  # the second part, once
+    payload = {"endpoint": NUMBER_A, "identity": USER, "message": {"id": "m5", "text": text}}
+    row = OutboxRow(7, "cv_x", "ev_long", 0, "channel:whatsapp", payload, 0)
+    with pytest.raises(ChannelSendError, match="provider_error") as exc:
+        await _deliver_channel(svc.app, row)
+    assert exc.value.retryable
+    await _deliver_channel(svc.app, row)  # what the outbox does next
+    assert [r.status for r in graph.requests if r.is_send] == [200, 500, 200]
+    assert [r.json["text"]["body"][0] for r in graph.sent()] == ["x", "y"]
+    assert [r.json["biz_opaque_callback_data"] for r in graph.sent()] == [
+        "ev_long:0:1",
+        "ev_long:0:2",
+    ]
+
+
+async def test_an_image_through_the_outbox_is_an_image(wa: Setup) -> None:
+    """WhatsApp declares ``images``: the controller hands the image on, not its address."""
+    svc, _, graph = wa
+    url = "https://example.com/map.png"
+    message = {"id": "m6", "from": "bot", "text": "Our shop", "image": url}
+    payload = {"endpoint": NUMBER_A, "identity": USER, "message": message}
+    await _deliver_channel(
+        svc.app, OutboxRow(8, "cv_x", "ev_img", 0, "channel:whatsapp", payload, 0)
+    )
+    [sent] = graph.sent()
+    assert sent.json["image"] == {"link": url, "caption": "Our shop"}
+
+
+# statuses name our messages ------------------------------------------------------------------
+def link_statuses(svc: Service) -> None:
+    """The service's ``provider_message`` lookup for connectors (added here when the service
+    does not give it yet)."""
+    svc.app[CONNECTOR_CONTEXT].service.setdefault(
+        "provider_message", lambda instance, pid: svc.store.provider_message(instance, pid)
+    )
+
+
+async def test_statuses_carry_our_message_id(wa: Setup) -> None:
+    svc, sender, graph = wa
+    link_statuses(svc)
+    await sender.post(envelope([change(NUMBER_A, messages=[text_message(USER, "hi", "wamid.S")])]))
+    [sent] = await graph.wait_sent(1)
+    await svc.settle()
+    cid = await conversation_of(svc, USER)
+    transcript = await svc.store.messages(cid, include_agent_only=False)
+    [reply] = [m for m in transcript if m.sender_role == "bot"]
+    assert sent.provider_id is not None
+    recorded = await svc.store.provider_message("whatsapp", sent.provider_id)
+    assert recorded is not None
+    assert (recorded.conversation_id, recorded.message_id) == (cid, reply.id)
+    [row] = [
+        r for r in await svc.store.outbox_rows("done") if r["destination"] == "channel:whatsapp"
+    ]
+    key = f"{row['event_id']}:{row['n']}"
+    assert sent.json["biz_opaque_callback_data"] == key
+
+    statuses = [
+        status(sent.provider_id, "sent", USER, callback_data=key),
+        status(sent.provider_id, "delivered", USER, callback_data=key),
+        status(sent.provider_id, "failed", USER, error_code=131026),
+        status("wamid.UNKNOWN", "read", USER),
+    ]
+    code, body = await sender.post(envelope([change(NUMBER_A, statuses=statuses)]))
+    assert code == 200 and body["events"] == 5
+    found = await events_of(svc, cid, "delivery.status")
+    assert [(e.data["status"], e.data.get("message_id")) for e in found] == [
+        ("sent", reply.id),
+        ("delivered", reply.id),
+        ("failed", reply.id),
+        ("read", None),
+    ]
+    assert found[0].data["callback_data"] == key
+    [failed] = await events_of(svc, cid, "delivery.failed")
+    assert failed.data["message_id"] == reply.id and failed.data["reason"] == "invalid_recipient"
+
+
+async def test_statuses_without_the_lookup_have_no_message_id(wa: Setup) -> None:
+    svc, sender, graph = wa
+    svc.app[CONNECTOR_CONTEXT].service.pop("provider_message", None)
+    await sender.post(envelope([change(NUMBER_A, messages=[text_message(USER, "hi", "wamid.L")])]))
+    [sent] = await graph.wait_sent(1)
+    assert sent.provider_id is not None
+    payload = envelope([change(NUMBER_A, statuses=[status(sent.provider_id, "read", USER)])])
+    assert (await sender.post(payload))[0] == 200
+    [st] = await events_of(svc, await conversation_of(svc, USER), "delivery.status")
+    assert "message_id" not in st.data and st.data["wamid"] == sent.provider_id
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "parts"),
+    [
+        ("short", 10, ["short"]),
+        ("", 10, [""]),
+        ("x" * 25, 10, ["x" * 10, "x" * 10, "x" * 5]),  # no break at all: cut hard
+        ("aaaa bbbb cccc dddd", 10, ["aaaa bbbb", "cccc dddd"]),
+        ('One. Two! "Three?" Four.', 12, ["One. Two!", '"Three?"', "Four."]),
+        ("para one\n\npara two is long", 20, ["para one", "para two is long"]),
+        ("ab\ncdefghi jklm", 10, ["ab\ncdefghi", "jklm"]),  # a part is at least a third full
+    ],
+)
+def test_split_text(text: str, limit: int, parts: list[str]) -> None:
+    assert split_text(text, limit) == parts
+    assert all(len(p) <= limit for p in parts)
+
+
+def test_split_tail() -> None:
+    assert split_tail("fits", 10) == ("", "fits")
+    assert split_tail("First one. Second one.", 14) == ("First one.", "Second one.")
+    assert split_tail("x" * 15, 10) == ("x" * 5, "x" * 10)
