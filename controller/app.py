@@ -23,15 +23,18 @@ from connectors.base import (
     connector_types,
 )
 from controller.api import admin, agents, conversations, customers, health, outbound
+from controller.api import apps as apps_api
 from controller.api import rules as rules_api
 from controller.api.common import errors_middleware, hash_token
 from controller.api.desk import DeskHub
+from controller.apps import AppRegistry, AppWebhooks
 from controller.bots import BotGateway
 from controller.clock import Clock, SystemClock
 from controller.customers import CustomerProfiles
 from controller.errors import ConfigError, RequestError
 from controller.inbox import Inbox
 from controller.keys import (
+    APPS,
     BOT_GATEWAY,
     BOTS,
     CHANNELS,
@@ -81,6 +84,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app.router.add_routes(rules_api.routes())
     app.router.add_routes(customers.routes())
     app.router.add_routes(outbound.routes())
+    app.router.add_routes(apps_api.routes())
     app.router.add_get("/", _index)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_engine_ctx)
@@ -187,6 +191,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     app[RULES] = rules
     profiles = app[CUSTOMERS] = CustomerProfiles(store)
     await rules.start(watch=settings.rules_watch, interval=settings.rules_watch_interval)
+    registry = app[APPS] = AppRegistry(store, clock)
+    await registry.load()
     workers = Workers(
         store,
         rules.current,
@@ -197,6 +203,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         matcher=settings.matcher,
         queue_facts=lambda conv: app[ROUTER].queue_facts(conv),  # the router is made below
         customer_facts=profiles.facts,
+        subscribers=registry.subscribers,
     )
     app[WORKERS] = workers
     app[INBOX] = Inbox(store, clock, metrics, workers.notify)
@@ -239,6 +246,8 @@ async def _connectors_ctx(app: web.Application) -> AsyncIterator[None]:
     gateway = app[BOT_GATEWAY] = BotGateway(app[BOTS], app[CLOCK], app[METRICS], app[INBOX])
     dispatcher.register("bot", gateway.deliver, on_dead=gateway.failed, policy=gateway.policy)
     dispatcher.register("desk", lambda row: _deliver_desk(app, row))
+    webhooks = AppWebhooks(app[APPS], session, app[CLOCK], app[METRICS], app[SETTINGS].apps)
+    dispatcher.register("app", webhooks.deliver, on_dead=webhooks.dead, policy=webhooks.policy)
     yield
     await gateway.stop()
     await session.close()

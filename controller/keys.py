@@ -14,6 +14,7 @@ from controller.settings import Settings
 if TYPE_CHECKING:
     from connectors.base import Bot, Channel, ConnectorContext
     from controller.api.desk import DeskHub
+    from controller.apps import AppRegistry
     from controller.bots import BotGateway
     from controller.customers import CustomerProfiles
     from controller.inbox import Inbox
@@ -42,3 +43,4 @@ BOT_GATEWAY: web.AppKey[BotGateway] = web.AppKey("bot_gateway")
 READY: web.AppKey[dict[str, Any]] = web.AppKey("ready")
 CONNECTOR_CONTEXT: web.AppKey[ConnectorContext] = web.AppKey("connector_context")
 CUSTOMERS: web.AppKey[CustomerProfiles] = web.AppKey("customers")
+APPS: web.AppKey[AppRegistry] = web.AppKey("apps")

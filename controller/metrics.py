@@ -49,6 +49,18 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.app_deliveries = Counter(
+            "convctl_app_deliveries",
+            "Webhook delivery attempts to apps by outcome (delivered, failed, gone, dead)",
+            ["app", "outcome"],
+            registry=r,
+        )
+        self.app_delivery_seconds = Histogram(
+            "convctl_app_delivery_seconds",
+            "Time an app's webhook took to answer a delivery",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
         self.timers_fired = Counter("convctl_timers_fired", "Timers fired", registry=r)
         self.bot_requests = Counter(
             "convctl_bot_requests",

@@ -39,6 +39,17 @@ class TimeoutSettings(BaseModel):
     offer: float = Field(30.0, gt=0)
 
 
+class AppDeliverySettings(BaseModel):
+    """Webhook deliveries to apps: each delivery's timeout and the apps' retry policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout: float = Field(10.0, gt=0)
+    max_attempts: int = Field(8, ge=1)
+    backoff_base: float = Field(1.0, gt=0)
+    backoff_max: float = Field(300.0, gt=0)
+
+
 class AgentSeed(BaseModel):
     """An agent created at start (the dev profile's demo agents)."""
 
@@ -96,6 +107,7 @@ class Settings(BaseSettings):
     outbox_max_attempts: int = Field(8, ge=1)
     outbox_backoff_base: float = Field(0.5, gt=0)
     outbox_backoff_max: float = Field(300.0, gt=0)
+    apps: AppDeliverySettings = Field(default_factory=AppDeliverySettings)
     workers: int = Field(64, ge=1, le=10000)
     agents: list[AgentSeed] = Field(default_factory=list)
     connectors: list[ConnectorInstance] = Field(default_factory=_default_connectors)

@@ -24,7 +24,7 @@ from controller.machine import MESSAGES_AFTER_CLOSE, Decider
 from controller.metrics import Metrics
 from controller.models import Conversation, Event
 from controller.rulebook import Rulebook
-from controller.store.base import Committed, DecisionRecord, Store
+from controller.store.base import Committed, DecisionRecord, NewOutbox, Store
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +33,8 @@ AfterCommit = Callable[[DecisionRecord, Committed], None]
 QueueFacts = Callable[[Conversation], dict[str, Any] | None]
 # Derived ``customer.*`` facts (known, language, profile), awaited before deciding.
 CustomerFacts = Callable[[Conversation], Awaitable[dict[str, Any] | None]]
+# Outbox rows for the apps subscribed to an event (the app registry's ``subscribers``).
+Subscribers = Callable[[Event], list[NewOutbox]]
 _BATCH = 100
 
 
@@ -52,8 +54,10 @@ class Workers:
         matcher: str,
         queue_facts: QueueFacts | None = None,
         customer_facts: CustomerFacts | None = None,
+        subscribers: Subscribers | None = None,
     ) -> None:
         self._store = store
+        self._subscribers = subscribers
         self._customer_facts = customer_facts
         self._queue_facts = queue_facts
         self._rulebook = rulebook
@@ -164,6 +168,9 @@ class Workers:
             # Read before deciding, so the decision itself stays synchronous and pure.
             customer = await self._customer_facts(conv) if self._customer_facts else None
             record = self._make_record(conv, event, customer)
+            # Deliveries to subscribed apps commit with the decision (no event is announced
+            # that was not decided, none decided without its announcements).
+            record.outbox.extend(self._announcements(conv, record))
             try:
                 committed = await self._store.commit_decision(record, self._clock.now())
             except Conflict as exc:
@@ -190,6 +197,25 @@ class Workers:
             return record.after
         finally:
             structlog.contextvars.unbind_contextvars("conversation_id", "event_id")
+
+    def _announcements(self, conv: Conversation, record: DecisionRecord) -> list[NewOutbox]:
+        """Outbox rows for the apps subscribed to the decided event.
+
+        Not for a stale timer (nothing happened), nor for a message that reached a closed
+        conversation: it moves to a new conversation as a new event, announced there. Events
+        this decision emits (conversation.closed...) are announced when they are decided.
+        """
+        event = record.event
+        if self._subscribers is None or record.outcome == "stale":
+            return []
+        if conv.state == "closed" and event.type in MESSAGES_AFTER_CLOSE:
+            return []
+        try:
+            return self._subscribers(event)
+        except Exception:
+            # A broken subscription index must not stall the conversation.
+            log.exception("subscribers_failed", event_type=event.type)
+            return []
 
     def _make_record(
         self, conv: Conversation, event: Event, customer: dict[str, Any] | None = None

@@ -36,8 +36,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.info(
             "request_refused", path=request.path, status=status, code=exc.code, reason=exc.message
         )
-        extra = {"errors": exc.errors} if hasattr(exc, "errors") else {}
-        return error_body(status, exc.code, exc.message, **extra)  # type: ignore[arg-type]
+        # ``details``: what the error names (the missing scope...), next to code and message
+        extra: dict[str, object] = dict(getattr(exc, "details", None) or {})
+        if hasattr(exc, "errors"):
+            extra["errors"] = exc.errors
+        return error_body(status, exc.code, exc.message, **extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

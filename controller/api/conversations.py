@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from controller.api.apps import route_scope
 from controller.api.common import Principal, authenticate
+from controller.apps import require_scope
 from controller.errors import Conflict, Forbidden, NotFound
 from controller.keys import ROUTER, RULES, STORE
 from controller.models import Conversation
 
 
 async def _visible(request: web.Request) -> tuple[Principal, Conversation]:
-    principal = await authenticate(request, "admin", "agent")
+    """An admin sees every conversation, an app with the route's scope (``APP_API``) too, an
+    agent those it is in or is offered."""
+    principal = await require_scope(request, route_scope(request), also=("agent",))
     conv = await request.app[STORE].load_conversation(request.match_info["conversation_id"])
     if conv is None:
         raise NotFound("unknown conversation", code="unknown_conversation")

@@ -439,6 +439,66 @@ class Store(abc.ABC):
         """Summaries (id, channel, instance, endpoint, identity, state, created_at) of every
         conversation of the customer, oldest first (for an export)."""
 
+    # apps (App API) ------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_app(self, app: AppRecord, token_hash: str) -> AppRecord:
+        """Register an app and its first token (role ``app``, subject the app id) together.
+        Conflict ``name_taken`` if a live app has that name."""
+
+    @abc.abstractmethod
+    async def app_record(self, app_id: str) -> AppRecord | None:
+        """One app, deleted ones included (``deleted_at`` set)."""
+
+    @abc.abstractmethod
+    async def app_records(self, *, include_deleted: bool = False) -> list[AppRecord]:
+        """Apps in creation order."""
+
+    @abc.abstractmethod
+    async def update_app(self, app_id: str, changes: Mapping[str, Any], now: datetime) -> AppRecord:
+        """Change name, description, scopes, webhook_url, enabled or webhook_secret (given
+        keys only). NotFound for an unknown app, Conflict ``app_deleted`` for a deleted one."""
+
+    @abc.abstractmethod
+    async def replace_app_token(self, app_id: str, token_hash: str, now: datetime) -> None:
+        """Revoke every token of the app and store the new one, in one transaction."""
+
+    @abc.abstractmethod
+    async def delete_app(self, app_id: str, now: datetime, reason: str) -> int:
+        """Revoke an app: tokens revoked, subscriptions deleted, pending deliveries (outbox rows
+        to ``app:<id>``) dead with ``reason``; returns how many were cancelled."""
+
+    @abc.abstractmethod
+    async def add_app_subscription(self, subscription: AppSubscription) -> None: ...
+
+    @abc.abstractmethod
+    async def app_subscriptions(self, app_id: str | None = None) -> list[AppSubscription]:
+        """Subscriptions of one app (or of every app), oldest first."""
+
+    @abc.abstractmethod
+    async def delete_app_subscriptions(self, app_id: str, subscription_ids: Sequence[str]) -> int:
+        """Delete some of an app's subscriptions; returns how many existed."""
+
+    # outbox rows by destination (an app's deliveries) ----------------------------------------
+    @abc.abstractmethod
+    async def outbox_entries(
+        self,
+        destination: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[OutboxEntry]:
+        """Rows of one destination, newest first (``before_id``: the page after that row)."""
+
+    @abc.abstractmethod
+    async def outbox_entry(self, destination: str, event_id: str, n: int) -> OutboxEntry | None:
+        """The row of a destination with this idempotency key (``event_id:n``)."""
+
+    @abc.abstractmethod
+    async def outbox_replay(self, row_id: int, now: datetime) -> bool:
+        """Queue a dead row again (same row, same idempotency key, attempts from zero, due
+        now); False if it is not dead."""
+
 
 @dataclass(frozen=True, slots=True)
 class RulesVersion:
@@ -567,3 +627,66 @@ def channel_identity(channel: str, identity: str) -> Identity:
     if channel == "whatsapp" and not identity.startswith("+"):
         return Identity(channel, "+" + identity)
     return Identity(channel, identity)
+
+
+# apps --------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class AppRecord:
+    """A registered third-party app. ``webhook_secret`` signs its deliveries; it is shown
+    once (at creation and rotation) and never part of ``as_dict``."""
+
+    id: str
+    name: str
+    description: str | None
+    scopes: tuple[str, ...]
+    webhook_url: str | None
+    webhook_secret: str
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "description": self.description,
+            "scopes": list(self.scopes),
+            "webhook_url": self.webhook_url,
+            "enabled": self.enabled,
+            "status": "deleted" if self.deleted_at else "enabled" if self.enabled else "disabled",
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "deleted_at": self.deleted_at.isoformat() if self.deleted_at else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AppSubscription:
+    """An app's wish to receive events of these types (by signed webhook)."""
+
+    id: str
+    app_id: str
+    event_types: tuple[str, ...]
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "app_id": self.app_id,
+            "event_types": list(self.event_types),
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """An outbox row with its delivery state, as listed for operators and apps."""
+
+    row: OutboxRow
+    status: str  # pending, done or dead
+    replays: int
+    last_error: str | None
+    created_at: datetime
+    next_attempt_at: datetime
+    done_at: datetime | None

@@ -30,6 +30,8 @@ from controller.store.base import (
     PROFILE_FIELDS,
     Accepted,
     AgentRecord,
+    AppRecord,
+    AppSubscription,
     BulkOutcome,
     Committed,
     CustomerQuery,
@@ -40,6 +42,7 @@ from controller.store.base import (
     MergeResult,
     Message,
     OfferRecord,
+    OutboxEntry,
     OutboxRow,
     ProviderMessage,
     QueuedConversation,
@@ -1136,6 +1139,252 @@ class SqliteStore(Store):
             ]
 
         return await self._read(run)
+
+    # apps --------------------------------------------------------------------------------
+    async def create_app(self, app: AppRecord, token_hash: str) -> AppRecord:
+        def run(conn: sqlite3.Connection) -> AppRecord:
+            taken = conn.execute(
+                "SELECT 1 FROM apps WHERE name = ? AND deleted_at IS NULL", (app.name,)
+            ).fetchone()
+            if taken:
+                raise Conflict(f"an app named {app.name!r} exists", code="name_taken")
+            conn.execute(
+                "INSERT INTO apps (id, name, description, scopes, webhook_url, webhook_secret, "
+                "enabled, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    app.id,
+                    app.name,
+                    app.description,
+                    json.dumps(list(app.scopes)),
+                    app.webhook_url,
+                    app.webhook_secret,
+                    int(app.enabled),
+                    _ts(app.created_at),
+                    _ts(app.updated_at),
+                ),
+            )
+            conn.execute(
+                "INSERT INTO tokens (hash, role, subject, created_at) VALUES (?, 'app', ?, ?)",
+                (token_hash, app.id, _ts(app.created_at)),
+            )
+            return _app(conn, app.id)
+
+        return await self._write(run)
+
+    async def app_record(self, app_id: str) -> AppRecord | None:
+        def run(conn: sqlite3.Connection) -> AppRecord | None:
+            row = conn.execute("SELECT * FROM apps WHERE id = ?", (app_id,)).fetchone()
+            return _app_from_row(row) if row else None
+
+        return await self._read(run)
+
+    async def app_records(self, *, include_deleted: bool = False) -> list[AppRecord]:
+        def run(conn: sqlite3.Connection) -> list[AppRecord]:
+            where = "" if include_deleted else " WHERE deleted_at IS NULL"
+            rows = conn.execute(f"SELECT * FROM apps{where} ORDER BY created_at, rowid").fetchall()
+            return [_app_from_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def update_app(self, app_id: str, changes: Mapping[str, Any], now: datetime) -> AppRecord:
+        columns = ("name", "description", "scopes", "webhook_url", "enabled", "webhook_secret")
+        values = {k: v for k, v in changes.items() if k in columns}
+        if "scopes" in values:
+            values["scopes"] = json.dumps(list(values["scopes"]))
+        if "enabled" in values:
+            values["enabled"] = int(values["enabled"])
+
+        def run(conn: sqlite3.Connection) -> AppRecord:
+            _live_app(conn, app_id)
+            if "name" in values:
+                taken = conn.execute(
+                    "SELECT 1 FROM apps WHERE name = ? AND id <> ? AND deleted_at IS NULL",
+                    (values["name"], app_id),
+                ).fetchone()
+                if taken:
+                    raise Conflict(f"an app named {values['name']!r} exists", code="name_taken")
+            assignments = "".join(f", {column} = ?" for column in values)
+            conn.execute(
+                f"UPDATE apps SET updated_at = ?{assignments} WHERE id = ?",
+                (_ts(now), *values.values(), app_id),
+            )
+            return _app(conn, app_id)
+
+        return await self._write(run)
+
+    async def replace_app_token(self, app_id: str, token_hash: str, now: datetime) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            _live_app(conn, app_id)
+            conn.execute(
+                "UPDATE tokens SET revoked = 1 WHERE role = 'app' AND subject = ?", (app_id,)
+            )
+            conn.execute(
+                "INSERT INTO tokens (hash, role, subject, created_at) VALUES (?, 'app', ?, ?)",
+                (token_hash, app_id, _ts(now)),
+            )
+            conn.execute("UPDATE apps SET updated_at = ? WHERE id = ?", (_ts(now), app_id))
+
+        await self._write(run)
+
+    async def delete_app(self, app_id: str, now: datetime, reason: str) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            _live_app(conn, app_id)
+            conn.execute(
+                "UPDATE apps SET enabled = 0, deleted_at = ?, updated_at = ? WHERE id = ?",
+                (_ts(now), _ts(now), app_id),
+            )
+            conn.execute(
+                "UPDATE tokens SET revoked = 1 WHERE role = 'app' AND subject = ?", (app_id,)
+            )
+            conn.execute("DELETE FROM app_subscriptions WHERE app_id = ?", (app_id,))
+            return int(
+                conn.execute(
+                    "UPDATE outbox SET status = 'dead', claimed = 0, last_error = ? "
+                    "WHERE destination = ? AND status = 'pending'",
+                    (reason[:1000], f"app:{app_id}"),
+                ).rowcount
+            )
+
+        return await self._write(run)
+
+    async def add_app_subscription(self, subscription: AppSubscription) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            _live_app(conn, subscription.app_id)
+            conn.execute(
+                "INSERT INTO app_subscriptions (id, app_id, event_types, created_at) "
+                "VALUES (?, ?, ?, ?)",
+                (
+                    subscription.id,
+                    subscription.app_id,
+                    json.dumps(list(subscription.event_types)),
+                    _ts(subscription.created_at),
+                ),
+            )
+
+        await self._write(run)
+
+    async def app_subscriptions(self, app_id: str | None = None) -> list[AppSubscription]:
+        def run(conn: sqlite3.Connection) -> list[AppSubscription]:
+            sql = "SELECT * FROM app_subscriptions"
+            args: tuple[str, ...] = ()
+            if app_id is not None:
+                sql += " WHERE app_id = ?"
+                args = (app_id,)
+            rows = conn.execute(sql + " ORDER BY created_at, rowid", args).fetchall()
+            return [
+                AppSubscription(
+                    r["id"], r["app_id"], tuple(json.loads(r["event_types"])), _dt(r["created_at"])
+                )
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    async def delete_app_subscriptions(self, app_id: str, subscription_ids: Sequence[str]) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            return sum(
+                conn.execute(
+                    "DELETE FROM app_subscriptions WHERE app_id = ? AND id = ?", (app_id, sid)
+                ).rowcount
+                for sid in subscription_ids
+            )
+
+        return await self._write(run)
+
+    async def outbox_entries(
+        self,
+        destination: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[OutboxEntry]:
+        def run(conn: sqlite3.Connection) -> list[OutboxEntry]:
+            sql = "SELECT * FROM outbox WHERE destination = ?"
+            args: list[Any] = [destination]
+            if status is not None:
+                sql += " AND status = ?"
+                args.append(status)
+            if before_id is not None:
+                sql += " AND id < ?"
+                args.append(before_id)
+            rows = conn.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+            return [_outbox_entry(r) for r in rows]
+
+        return await self._read(run)
+
+    async def outbox_entry(self, destination: str, event_id: str, n: int) -> OutboxEntry | None:
+        def run(conn: sqlite3.Connection) -> OutboxEntry | None:
+            row = conn.execute(
+                "SELECT * FROM outbox WHERE event_id = ? AND n = ? AND destination = ?",
+                (event_id, n, destination),
+            ).fetchone()
+            return _outbox_entry(row) if row else None
+
+        return await self._read(run)
+
+    async def outbox_replay(self, row_id: int, now: datetime) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "UPDATE outbox SET status = 'pending', claimed = 0, attempts = 0, "
+                    "replays = replays + 1, next_attempt_at = ?, done_at = NULL "
+                    "WHERE id = ? AND status = 'dead'",
+                    (_ts(now), row_id),
+                ).rowcount
+            )
+
+        return await self._write(run)
+
+
+# apps (run on the reader or the writer thread) ----------------------------------------------
+def _app_from_row(row: sqlite3.Row) -> AppRecord:
+    return AppRecord(
+        id=row["id"],
+        name=row["name"],
+        description=row["description"],
+        scopes=tuple(json.loads(row["scopes"])),
+        webhook_url=row["webhook_url"],
+        webhook_secret=row["webhook_secret"],
+        enabled=bool(row["enabled"]),
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"]),
+        deleted_at=_dt(row["deleted_at"]) if row["deleted_at"] is not None else None,
+    )
+
+
+def _app(conn: sqlite3.Connection, app_id: str) -> AppRecord:
+    row = conn.execute("SELECT * FROM apps WHERE id = ?", (app_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"unknown app {app_id!r}", code="unknown_app")
+    return _app_from_row(row)
+
+
+def _live_app(conn: sqlite3.Connection, app_id: str) -> AppRecord:
+    app = _app(conn, app_id)
+    if app.deleted_at is not None:
+        raise Conflict(f"app {app_id!r} was deleted", code="app_deleted")
+    return app
+
+
+def _outbox_entry(row: sqlite3.Row) -> OutboxEntry:
+    return OutboxEntry(
+        row=OutboxRow(
+            id=row["id"],
+            conversation_id=row["conversation_id"],
+            event_id=row["event_id"],
+            n=row["n"],
+            destination=row["destination"],
+            payload=json.loads(row["payload"]),
+            attempts=row["attempts"],
+        ),
+        status=row["status"],
+        replays=row["replays"],
+        last_error=row["last_error"],
+        created_at=_dt(row["created_at"]),
+        next_attempt_at=_dt(row["next_attempt_at"]),
+        done_at=_dt(row["done_at"]) if row["done_at"] is not None else None,
+    )
 
 
 # transaction bodies (run on the writer thread) ---------------------------------------------
