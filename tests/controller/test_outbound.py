@@ -97,7 +97,9 @@ async def test_agent_starts_a_whatsapp_conversation_with_a_template_and_the_repl
     )
     assert frame["conversation_id"] == cid
     await alice.say(cid, "Tomorrow before noon.")
-    await graph.wait_sent(1, lambda r: r.json.get("text", {}).get("body") == "Tomorrow before noon.")
+    await graph.wait_sent(
+        1, lambda r: r.json.get("text", {}).get("body") == "Tomorrow before noon."
+    )
     conv = await svc.until(cid, lambda c: c.state == "agent")
     assert not [p for p in conv.participants if p.role == "bot"]
     assert len(graph.sent(lambda r: r.json["type"] == "template")) == 1
