@@ -22,7 +22,15 @@ from connectors.base import (
     build_connector,
     connector_types,
 )
-from controller.api import admin, agents, conversations, customers, health, outbound
+from controller.api import (
+    admin,
+    agents,
+    app_conversations,
+    conversations,
+    customers,
+    health,
+    outbound,
+)
 from controller.api import apps as apps_api
 from controller.api import rules as rules_api
 from controller.api.common import errors_middleware, hash_token
@@ -85,6 +93,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app.router.add_routes(customers.routes())
     app.router.add_routes(outbound.routes())
     app.router.add_routes(apps_api.routes())
+    app.router.add_routes(app_conversations.routes())
     app.router.add_get("/", _index)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_engine_ctx)

@@ -28,7 +28,7 @@ from controller.errors import Conflict, Forbidden, NotFound, RequestError, Unaut
 from controller.ids import new_id
 from controller.keys import APPS
 from controller.metrics import Metrics
-from controller.models import EVENT_TYPES, Event
+from controller.models import EVENT_TYPES, Conversation, Event
 from controller.outbox import DeliveryFailed, RetryPolicy
 from controller.settings import AppDeliverySettings
 from controller.signing import sign
@@ -47,6 +47,8 @@ SCOPES: dict[str, str] = {
     "events:subscribe": "subscribe to events and receive them by signed webhook",
 }
 EVENTS_SCOPE = "events:subscribe"
+JOIN_SCOPE = "conversations:join"
+WRITE_SCOPE = "conversations:write"
 DESTINATION_PREFIX = "app"
 # what a webhook answered that says trying again can help
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
@@ -141,17 +143,24 @@ class AppRegistry:
         """A live app (None once deleted)."""
         return self._apps.get(app_id)
 
+    def named(self, name: str) -> AppRecord | None:
+        """A live app by its registered name (rules invite apps by name)."""
+        return next((a for a in self._apps.values() if a.name == name), None)
+
     # the worker's hook -------------------------------------------------------------------
-    def subscribers(self, event: Event) -> list[NewOutbox]:
-        """One outbox row per app subscribed to this event's type (and able to receive it:
-        enabled, with a webhook URL and the ``events:subscribe`` scope)."""
+    def subscribers(self, event: Event, conversation: Conversation) -> list[NewOutbox]:
+        """One outbox row per app that hears this event: apps subscribed to its type (with
+        the ``events:subscribe`` scope) and apps taking part in the conversation (with the
+        ``conversations:join`` scope). Only enabled apps with a webhook URL hear anything."""
         rows = []
-        for app_id in self._index.get(event.type, ()):
-            app = self._apps.get(app_id)
-            if app is None or not app.enabled or not app.webhook_url:
-                continue
-            if EVENTS_SCOPE not in app.scopes:
-                continue
+        hearing = {
+            a: "subscriber" for a in self._index.get(event.type, ()) if self._can(a, EVENTS_SCOPE)
+        }
+        for p in conversation.participants:
+            app = self.named(p.id) if p.role == "app" else None
+            if app is not None and app.id not in hearing and self._can(app.id, JOIN_SCOPE):
+                hearing[app.id] = "participant"
+        for app_id, why in hearing.items():
             rows.append(
                 NewOutbox(
                     destination(app_id),
@@ -159,6 +168,7 @@ class AppRegistry:
                         "type": event.type,
                         "conversation_id": event.conversation_id,
                         "app_id": app_id,
+                        "as": why,
                         "event": {
                             "id": event.id,
                             "type": event.type,
@@ -170,6 +180,10 @@ class AppRegistry:
                 )
             )
         return rows
+
+    def _can(self, app_id: str, scope: str) -> bool:
+        app = self._apps.get(app_id)
+        return app is not None and app.enabled and bool(app.webhook_url) and scope in app.scopes
 
     # registry ----------------------------------------------------------------------------
     async def create(
@@ -317,8 +331,9 @@ class AppWebhooks:
             raise DeliveryFailed("revoked: the app was deleted", retryable=False)
         if not app.enabled:
             raise DeliveryFailed("disabled: the app is disabled", retryable=False)
-        if EVENTS_SCOPE not in app.scopes:
-            raise DeliveryFailed(f"missing_scope: the app lost {EVENTS_SCOPE}", retryable=False)
+        needed = JOIN_SCOPE if row.payload.get("as") == "participant" else EVENTS_SCOPE
+        if needed not in app.scopes:
+            raise DeliveryFailed(f"missing_scope: the app lost {needed}", retryable=False)
         if not app.webhook_url:
             raise DeliveryFailed("no_webhook_url: the app has no webhook_url", retryable=False)
         body = json.dumps(

@@ -28,6 +28,7 @@ from controller.models import (
     Close,
     Conversation,
     Event,
+    InviteApp,
     InviteBot,
     Label,
     NewEvent,
@@ -309,6 +310,11 @@ class Decider:
                 raise Refused(f"agent {agent_id} is not in the conversation")
             text = str(data.get("text", ""))
             self._to_agents(w, "whisper", "agent", agent_id, text, message_id=None)
+        elif kind == "agent.closed":
+            agent_id = str(data.get("agent_id"))
+            if conv.find("agent", agent_id) is None:
+                raise Refused(f"agent {agent_id} is not in the conversation")
+            self._apply_action(w, Close(reason=str(data.get("reason") or "agent_closed")))
         elif kind == "agent.invited":
             inviter, invited = str(data.get("agent_id")), str(data.get("to_agent"))
             if conv.find("agent", inviter) is None:
@@ -328,6 +334,13 @@ class Decider:
             self._to_agents(
                 w, "message", "agent", agent_id, msg.text, message_id=msg.id, exclude=agent_id
             )
+        elif kind == "app.joined":
+            if conv.find("app", str(data.get("app"))) is None:
+                self._add_app(w, str(data.get("app")))
+        elif kind == "app.left":
+            self._remove(w, "app", str(data.get("app")), emit=False)
+        elif kind == "app.event":
+            self._app_event(w, str(data.get("app")))
         elif kind == "agent.outbound":
             self._outbound(w, str(data.get("agent_id")), str(data.get("text", "")))
         elif kind == "agent.transferred":
@@ -344,6 +357,30 @@ class Decider:
             self._release_all(w)
         elif kind == "timer.fired":
             conv.timers.pop(str(data.get("name")), None)
+
+    def _add_app(self, w: _Work, app: str) -> None:
+        w.conv.participants.append(Participant(role="app", id=app, joined_at=w.now))
+
+    def _app_event(self, w: _Work, app: str) -> None:
+        """What an app in the conversation did: a message (to the customer, or to the agents
+        only), attributes set, or a custom event only the rules read."""
+        conv, data = w.conv, w.event.data
+        if conv.find("app", app) is None:
+            raise Refused(f"app {app} is not in the conversation")
+        action = data.get("action")
+        if action == "message":
+            text = str(data.get("text", ""))
+            if data.get("to") == "agents":
+                self._to_agents(w, "whisper", "app", app, text, message_id=None)
+                return
+            content = _content(data)
+            msg = self._transcript(w, "app", app, text, content=content)
+            self._to_customer(w, msg)
+            self._to_agents(w, "message", "app", app, text, message_id=msg.id)
+        elif action == "set":
+            values = data.get("attributes")
+            if isinstance(values, dict):
+                conv.attributes = {**conv.attributes, **values}
 
     def _outbound(self, w: _Work, agent_id: str, text: str) -> None:
         """An agent writes first: the agent serves the conversation and the message goes out
@@ -447,6 +484,11 @@ class Decider:
                     joined_at=w.now,
                 )
             )
+        elif isinstance(action, InviteApp):
+            if conv.find("app", action.app) is not None:
+                raise Refused(f"app {action.app} is already in the conversation")
+            self._add_app(w, action.app)
+            self._emit(w, "app.joined", {"app": action.app, "by": "rules"})
         elif isinstance(action, SetBotMode):
             bots = [p for p in conv.participants if p.role == "bot"]
             if action.bot is not None:

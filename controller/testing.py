@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -323,6 +325,58 @@ async def serve_on_loopback(runner: web.AppRunner) -> str:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+class ExampleProcess:
+    """A script of ``examples/`` in a subprocess on a free 127.0.0.1 port (``--port`` is
+    added to its arguments); ready once its ``/healthz`` answers."""
+
+    def __init__(self, script: Path, log_path: Path, *args: str) -> None:
+        self.script = script
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ExampleProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(self.script), "--port", str(self.port), *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def answered(self) -> bool:
+        """Whether it answers its health check (False while it starts)."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(
+                f"{self.script.name} exited with {self.proc.returncode}: "
+                + self.log_path.read_text(errors="replace")[-2000:]
+            )
+        try:
+            with urllib.request.urlopen(self.base_url + "/healthz", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.answered():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.script.name} did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ QueueFacts = Callable[[Conversation], dict[str, Any] | None]
 # Derived ``customer.*`` facts (known, language, profile), awaited before deciding.
 CustomerFacts = Callable[[Conversation], Awaitable[dict[str, Any] | None]]
 # Outbox rows for the apps subscribed to an event (the app registry's ``subscribers``).
-Subscribers = Callable[[Event], list[NewOutbox]]
+Subscribers = Callable[[Event, Conversation], list[NewOutbox]]
 _BATCH = 100
 
 
@@ -211,7 +211,7 @@ class Workers:
         if conv.state == "closed" and event.type in MESSAGES_AFTER_CLOSE:
             return []
         try:
-            return self._subscribers(event)
+            return self._subscribers(event, record.after)
         except Exception:
             # A broken subscription index must not stall the conversation.
             log.exception("subscribers_failed", event_type=event.type)

@@ -89,6 +89,14 @@ class Transfer(_Cmd):
         return self
 
 
+class Close(_Cmd):
+    """The agent ends the conversation with the customer; the agent goes on to wrap-up."""
+
+    type: Literal["close"] = "close"
+    conversation_id: str = Field(min_length=1, max_length=100)
+    reason: str = Field("agent_closed", min_length=1, max_length=100)
+
+
 class Invite(_Cmd):
     """Conference: another agent joins the conversation beside the sender (who stays)."""
 
@@ -98,7 +106,7 @@ class Invite(_Cmd):
 
 
 Command = Annotated[
-    Presence | Accept | Decline | SendMessage | Leave | WrapUp | Transfer | Invite,
+    Presence | Accept | Decline | SendMessage | Leave | WrapUp | Transfer | Invite | Close,
     Field(discriminator="type"),
 ]
 _COMMAND = TypeAdapter(Command)
@@ -126,6 +134,8 @@ async def run_command(
         kind, data["text"] = "agent.message", cmd.text
         if cmd.to == "agents":
             data["to"] = "agents"
+    elif isinstance(cmd, Close):
+        kind, data["reason"] = "agent.closed", cmd.reason
     elif isinstance(cmd, Invite):
         if not app[ROUTER].agent_known(cmd.agent):
             raise NotFound(f"unknown agent {cmd.agent!r}", code="unknown_agent")
@@ -215,6 +225,20 @@ class _MessageBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str = Field(min_length=1, max_length=4096)
     to: Literal["customer", "agents"] = "customer"
+
+
+class _CloseBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field("agent_closed", min_length=1, max_length=100)
+
+
+async def close(request: web.Request) -> web.Response:
+    principal = await agent_principal(request)
+    body = await read_json(request, _CloseBody) if request.can_read_body else _CloseBody()
+    cmd = Close(conversation_id=request.match_info["conversation_id"], reason=body.reason)
+    key = http_idempotency_key(request, principal)
+    result = await run_command(request.app, principal.subject, cmd, key)
+    return web.json_response(result, status=200 if result["duplicate"] else 202)
 
 
 class _InviteBody(BaseModel):
@@ -447,4 +471,5 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/v1/conversations/{conversation_id}/wrap-up", wrap_up),
         web.post("/api/v1/conversations/{conversation_id}/transfer", transfer),
         web.post("/api/v1/conversations/{conversation_id}/invite", invite),
+        web.post("/api/v1/conversations/{conversation_id}/close", close),
     ]

@@ -43,6 +43,7 @@ class ScopedRoute:
     scope: str | None
 
 
+_IN = "/api/v1/apps/me/conversations/{conversation_id}"  # apps in conversations
 APP_API: tuple[ScopedRoute, ...] = (
     ScopedRoute("GET", "/api/v1/apps/me", None),
     ScopedRoute("GET", "/api/v1/apps/me/subscriptions", EVENTS_SCOPE),
@@ -51,6 +52,11 @@ APP_API: tuple[ScopedRoute, ...] = (
     ScopedRoute("GET", "/api/v1/apps/me/deliveries", EVENTS_SCOPE),
     ScopedRoute("GET", "/api/v1/apps/me/deliveries/{delivery_id}", EVENTS_SCOPE),
     ScopedRoute("POST", "/api/v1/apps/me/deliveries/{delivery_id}/replay", EVENTS_SCOPE),
+    ScopedRoute("POST", _IN + "/join", "conversations:join"),
+    ScopedRoute("POST", _IN + "/leave", "conversations:join"),
+    ScopedRoute("POST", _IN + "/messages", "conversations:write"),
+    ScopedRoute("PUT", _IN + "/attributes", "conversations:write"),
+    ScopedRoute("POST", _IN + "/events", "conversations:write"),
     ScopedRoute("GET", "/api/v1/conversations/{conversation_id}", "conversations:read"),
     ScopedRoute("GET", "/api/v1/conversations/{conversation_id}/messages", "conversations:read"),
 )

@@ -23,6 +23,13 @@ class InviteBot(_Action):
     mode: Literal["direct", "assist"] = "direct"
 
 
+class InviteApp(_Action):
+    """An app (by its registered name) joins the conversation, e.g. a survey after the agent."""
+
+    kind: Literal["invite_app"] = "invite_app"
+    app: str = Field(min_length=1, max_length=100)
+
+
 class SetBotMode(_Action):
     kind: Literal["set_bot_mode"] = "set_bot_mode"
     mode: Literal["direct", "assist"]
@@ -127,6 +134,7 @@ class Stop(_Action):
 
 Action = Annotated[
     InviteBot
+    | InviteApp
     | SetBotMode
     | RemoveParticipant
     | Route

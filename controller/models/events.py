@@ -34,6 +34,7 @@ EventType = Literal[
     "agent.transferred",
     "agent.outbound",
     "agent.invited",
+    "agent.closed",
     "agent.wrap_up_done",
     "app.joined",
     "app.event",

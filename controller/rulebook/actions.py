@@ -22,6 +22,7 @@ from controller.models.actions import (
     Assign,
     CancelTimer,
     Close,
+    InviteApp,
     InviteBot,
     Label,
     RemoveParticipant,
@@ -188,6 +189,7 @@ def _dynamic(value: Any) -> bool:
 # action name -> (model, the argument a bare scalar stands for, whether a bare scalar is allowed)
 _MODELS: dict[str, tuple[type[BaseModel], str | None]] = {
     "invite_bot": (InviteBot, "bot"),
+    "invite_app": (InviteApp, "app"),
     "set_bot_mode": (SetBotMode, "mode"),
     "remove_participant": (RemoveParticipant, "role"),
     "route": (Route, "queue"),
@@ -529,6 +531,12 @@ ACTION_HELP: Mapping[str, ActionHelp] = {
         " agents",
         "invite_bot: { bot: demo, mode: direct }",
         {"bot": "a configured bot connector", "mode": "`direct` (default) or `assist`"},
+    ),
+    "invite_app": ActionHelp(
+        "a registered app joins the conversation (it then receives the conversation's events"
+        " and may post messages and set attributes); `remove_participant: app` removes it",
+        "invite_app: { app: survey }",
+        {"app": "the app's registered name"},
     ),
     "set_bot_mode": ActionHelp(
         "before a `route`, keeps the bot as the agent's assistant",

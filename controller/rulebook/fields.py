@@ -31,6 +31,7 @@ FIELDS: Mapping[str, FieldType] = {
     "event.confidence": "num",
     "event.queue": "str",
     "event.reply_id": "str",
+    "event.action": "str",
     "event.direction": "str",
     "event.status": "str",
     "event.disposition": "str",
@@ -124,7 +125,7 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
     "event.source": "where the event came from (a connector name, `router`, `timer`...)",
     "event.text": "the message text (customer, agent and bot messages)",
     "event.reason": "why: `agent.left`, `conversation.closed`, `delivery.failed`",
-    "event.name": "`timer.fired`: the timer's name",
+    "event.name": "`timer.fired`: the timer's name; `app.event` (custom): the event's name",
     "event.generation": "`timer.fired`: the timer's generation",
     "event.agent_id": "agent and router events: the agent",
     "event.offer_id": "router events: the offer",
@@ -134,6 +135,8 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
     "event.confidence": "bot events: the bot's confidence, 0 to 1",
     "event.queue": "`bot.handoff`: the queue the bot asked for, when it named one",
     "event.reply_id": "`customer.message`: the payload of the button the customer tapped",
+    "event.action": "`app.event`: what the app did: `message`, `set` (attributes) or `custom`"
+    " (then `event.name` is its name)",
     "event.direction": "`conversation.created`: `inbound` (the customer wrote first) or "
     "`outbound` (an agent or a campaign did)",
     "event.status": "`delivery.status`: the delivery status",
@@ -213,12 +216,13 @@ EVENT_DESCRIPTIONS: Mapping[str, str] = {
     "agent.left": "an agent left the conversation (`agent_id`, `reason`)",
     "agent.presence_changed": "an agent's presence changed (no connector emits it yet)",
     "agent.transferred": "an agent handed the conversation to a queue or another agent",
+    "agent.closed": "the agent ended the conversation (`reason`); it goes on to wrap-up",
     "agent.invited": "an agent asked another agent (`to_agent`) to join: a conference",
     "agent.outbound": "an agent wrote first (an outbound conversation; `text`, `agent_id`)",
     "agent.wrap_up_done": "the agent finished wrap-up (`disposition`)",
-    "app.joined": "an app joined the conversation (no connector emits it yet)",
-    "app.event": "an app reported something (no connector emits it yet)",
-    "app.left": "an app left the conversation (no connector emits it yet)",
+    "app.joined": "an app joined the conversation (`app`; `by`: `rules` or `app`)",
+    "app.event": "an app did something in the conversation (`app`, `action`)",
+    "app.left": "an app left the conversation (`app`)",
     "delivery.status": "a channel reports a message sent, delivered, read or failed (`status`)",
     "delivery.failed": (
         "a message could not be delivered (`reason`: window_closed, invalid_recipient, "

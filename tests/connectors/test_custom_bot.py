@@ -8,11 +8,7 @@ import asyncio
 import json
 import re
 import secrets
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,7 +40,7 @@ from controller.clock import Clock, ManualClock, SystemClock
 from controller.errors import BotError, NotFound
 from controller.settings import ConnectorInstance
 from controller.signing import SignatureError, sign, verify
-from controller.testing import Service, free_port
+from controller.testing import ExampleProcess, Service, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "custom_bot" / "bot.py"
@@ -104,60 +100,12 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 # the example bot, a separate process ----------------------------------------------------------
-class ExampleBotProcess:
+class ExampleBotProcess(ExampleProcess):
     """``examples/custom_bot/bot.py`` in a subprocess on a free 127.0.0.1 port."""
 
     def __init__(self, log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        super().__init__(EXAMPLE, log_path, "--secret", SECRET, *args)
         self.url = self.base_url + "/messages"
-        self.log_path = log_path
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> ExampleBotProcess:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(EXAMPLE),
-                    *("--port", str(self.port), "--secret", SECRET),
-                    *self.args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return self
-
-    def answered(self) -> bool:
-        """Whether the bot answers its health check (False while it starts)."""
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(
-                f"example bot exited with {self.proc.returncode}: "
-                + self.log_path.read_text(errors="replace")[-2000:]
-            )
-        try:
-            with urllib.request.urlopen(self.base_url + "/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.answered():
-            if time.monotonic() > deadline:
-                raise AssertionError("the example bot did not start")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -841,7 +789,13 @@ async def test_service_takes_the_answer_by_callback(
     # The bot's port is chosen first, the bot started once the service's URL is known.
     bot = ExampleBotProcess(tmp_path / "async-bot.log", "--async")
     svc = await _custom_service(make_service, bot.url)
-    bot.args = ("--async", "--callback-url", svc.base_url + "/connectors/bots/demo/callback")
+    bot.args = (
+        "--secret",
+        SECRET,
+        "--async",
+        "--callback-url",
+        svc.base_url + "/connectors/bots/demo/callback",
+    )
     bot.start()
     try:
         await asyncio.to_thread(bot.wait_ready)
