@@ -66,8 +66,12 @@ class Survey:
         url = f"{self.service}/api/v1/apps/me/conversations/{cid}/{what}"
         headers = {**self.headers, "Idempotency-Key": key}
         async with self.http.request(method, url, json=body, headers=headers) as r:
-            if r.status >= 400 and r.status != 409:
-                raise RuntimeError(f"{method} {what}: {r.status} {await r.text()}")
+            if r.status >= 400:
+                # 409: the conversation moved on (closed, or the app already left); a retry
+                # of this delivery cannot help. Anything else: fail, convctl retries.
+                print(f"{method} {what}: {r.status} {await r.text()}", flush=True)
+                if r.status != 409:
+                    raise RuntimeError(f"{method} {what}: {r.status}")
 
     async def ask(self, cid: str, delivery: str, text: str) -> None:
         self.asked[cid] = self.asked.get(cid, 0) + 1

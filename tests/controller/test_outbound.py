@@ -120,6 +120,8 @@ async def test_outbound_refusals_are_clear(svc: Service, graph: FakeGraph) -> No
 
     status, ack = await _post(svc, alice.token, base)
     assert status == 202
+    # The answer comes once the message is accepted; Alice serves once it is decided.
+    await svc.until(ack["conversation_id"], lambda c: c.find("agent", "alice") is not None)
     # Bob cannot barge into Alice's open conversation with the same customer.
     status, err = await _post(svc, bob.token, {**base, "text": "Hello from Bob"})
     assert status == 409 and err["error"]["code"] == "conversation_open"

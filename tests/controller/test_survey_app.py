@@ -57,7 +57,9 @@ async def test_the_survey_app_asks_after_the_agent_closes_and_keeps_the_rating(
         await alice.available()
         cid = str((await customer.say("agent please"))["conversation_id"])
         await alice.take(cid)
-        await alice.say(cid, "Your refund is on its way.")
+        await customer.wait_message("controller", "now chatting with alice")
+        said = await alice.say(cid, "Your refund is on its way.")
+        assert said["type"] == "ack", said
         await customer.wait_message("agent", "refund")
 
         closed = await alice.command({"type": "close", "conversation_id": cid})
