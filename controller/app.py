@@ -69,7 +69,7 @@ from controller.router import Router
 from controller.rules import RulebookHolder
 from controller.settings import AgentSeed, Settings
 from controller.store.base import Accepted, OutboxRow
-from controller.store.sqlite import SqliteStore
+from controller.store.factory import open_store
 from controller.timers import Timers
 from controller.worker import Workers
 
@@ -179,8 +179,7 @@ async def _history(
 # lifecycles ---------------------------------------------------------------------------------
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = SqliteStore(settings.database_path, synchronous=settings.sqlite_synchronous)
-    await store.open()
+    store = await open_store(settings)
     app[STORE] = store
     yield
     await store.close()

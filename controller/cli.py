@@ -107,12 +107,11 @@ def _serve(settings: Settings) -> int:
 
 
 async def _migrate(settings: Settings) -> int:
-    from controller.store.sqlite import SqliteStore
+    from controller.store.factory import open_store, store_location
 
-    store = SqliteStore(settings.database_path, synchronous=settings.sqlite_synchronous)
-    await store.open()
+    store = await open_store(settings)
     await store.close()
-    print(f"schema is up to date in {settings.database_path}")
+    print(f"schema is up to date in {store_location(settings)}")
     return 0
 
 
@@ -199,10 +198,9 @@ def _rules_test(settings: Settings, path: str | None, rules: str | None, matcher
 
 async def _create_token(settings: Settings, role: str, subject: str) -> int:
     from controller.api.common import hash_token
-    from controller.store.sqlite import SqliteStore
+    from controller.store.factory import open_store
 
-    store = SqliteStore(settings.database_path, synchronous=settings.sqlite_synchronous)
-    await store.open()
+    store = await open_store(settings)
     try:
         token = secrets.token_urlsafe(32)
         await store.put_token(hash_token(token), role, subject, datetime.now(UTC))

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     database: str = ""  # default: <data_dir>/convctl.db
     sqlite_synchronous: Literal["normal", "full"] = "normal"
+    # PostgreSQL for several processes: postgresql://user:password@host:5432/db (unset: SQLite)
+    database_url: str | None = None
+    database_schema: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    database_pool_min: int = Field(1, ge=0, le=1000)
+    database_pool_max: int = Field(10, ge=1, le=1000)
     rules_dir: Path | None = None  # default: ./rules when present, else the packaged rules
     matcher: Literal["durable", "reference"] = "durable"
     rules_watch: bool = True  # poll rules_dir and reload when its files change
@@ -114,6 +119,15 @@ class Settings(BaseSettings):
     queues: list[str] = Field(default_factory=lambda: ["support"])  # rules may route only here
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database_url must be a postgresql:// URL (SQLite needs none)")
+        return value
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ never on fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import secrets
 import signal
@@ -16,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from aiohttp import web
 
 from controller.app import create_app
 from controller.clock import Clock
+from controller.errors import ConfigError
 from controller.keys import DISPATCHER, STORE, WORKERS
 from controller.models import Conversation
 from controller.settings import Settings
@@ -35,7 +37,12 @@ Frame = dict[str, Any]
 
 
 def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    """Settings for a test service: its own folder, fixed secrets, no demo surprises."""
+    """Settings for a test service: its own folder, fixed secrets, no demo surprises.
+
+    With ``CONVCTL_TEST_STORE=postgres`` the service keeps its data in PostgreSQL
+    (``CONVCTL_TEST_DATABASE_URL``), in a schema of its own for each ``tmp_path``: a service
+    restarted on the same folder finds its data again, as it would in the SQLite file.
+    """
     values: dict[str, Any] = {
         "data_dir": tmp_path,
         "rules_dir": RULES_DIR if RULES_DIR.is_dir() else None,
@@ -44,8 +51,48 @@ def test_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "agent_token": "test-agent-token",
         "port": 0,
     }
+    if os.environ.get("CONVCTL_TEST_STORE") == "postgres":
+        values["database_url"] = postgres_test_url()
+        values["database_schema"] = postgres_test_schema(tmp_path)
     values.update(overrides)
     return Settings(**values)
+
+
+# PostgreSQL for tests: a schema per test folder, dropped when the session ends --------------
+_SCHEMA_SALT = secrets.token_hex(4)  # schemas of two test sessions never collide
+_test_schemas: set[str] = set()
+
+
+def postgres_test_url() -> str:
+    """The PostgreSQL database tests may use (``CONVCTL_TEST_DATABASE_URL``)."""
+    url = os.environ.get("CONVCTL_TEST_DATABASE_URL", "")
+    if not url:
+        raise ConfigError("PostgreSQL tests need CONVCTL_TEST_DATABASE_URL (see scripts/test)")
+    return url
+
+
+def postgres_test_schema(tmp_path: Path) -> str:
+    """The schema of the services of one test folder (the same one for a restart)."""
+    digest = hashlib.sha256(f"{_SCHEMA_SALT}:{tmp_path.resolve()}".encode()).hexdigest()
+    schema = f"convctl_t_{digest[:20]}"
+    _test_schemas.add(schema)
+    return schema
+
+
+async def drop_postgres_test_schemas(schemas: Collection[str] | None = None) -> None:
+    """Drop the schemas tests made (all of them, or ``schemas``)."""
+    names = sorted(_test_schemas if schemas is None else set(schemas) & _test_schemas)
+    if not names:
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_test_url())
+    try:
+        for name in names:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            _test_schemas.discard(name)
+    finally:
+        await conn.close()
 
 
 def rules_with_assisting_bot(folder: Path) -> Path:

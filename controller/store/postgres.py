@@ -1,0 +1,2034 @@
+"""The PostgreSQL store (asyncpg), for installations that outgrow one process on SQLite.
+
+Same methods and the same meaning as ``SqliteStore``; what differs is how concurrency is
+handled. SQLite has one writer thread, so its transactions never overlap; here every method is
+one transaction on a pooled connection, several may run at once (in this process and in
+others), and the database's locks give the same outcomes:
+
+- the inbox stores an event once per (source, dedupe key) with ``INSERT … ON CONFLICT DO
+  NOTHING RETURNING``; a transaction that loses such a race (or the race to open a
+  conversation, or a deadlock) is rolled back and run again, and the next run finds the
+  winner's row, so a sequence number is never skipped;
+- a decision commits with ``UPDATE … WHERE version = $before``, which takes the conversation's
+  row lock and checks the version in one statement: a concurrent decision makes it a
+  ``Conflict`` (``version_conflict``) exactly as on SQLite;
+- outbox rows are claimed with ``FOR UPDATE SKIP LOCKED``; offers and timers are resolved by
+  statements that lock the row and re-check its state, so one caller wins.
+
+Times are epoch seconds (double precision) as on SQLite; JSON columns are ``jsonb`` (a NUL
+character, which PostgreSQL cannot store in text, is kept as U+FFFD). Migrations are the
+``postgres_*.sql`` scripts, applied at ``open`` under an advisory lock so processes starting
+together do not race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any, TypeAlias, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from controller.errors import (
+    ConfigError,
+    Conflict,
+    ConvctlError,
+    NotFound,
+    PreconditionFailed,
+    RequestError,
+)
+from controller.ids import new_id
+from controller.models import Conversation, Event, NewEvent
+from controller.store.base import (
+    IDENTITY_FIELDS,
+    PROFILE_FIELDS,
+    Accepted,
+    AgentRecord,
+    AppRecord,
+    AppSubscription,
+    BulkOutcome,
+    Committed,
+    CustomerQuery,
+    CustomerRecord,
+    DecisionRecord,
+    IdempotencyKey,
+    Identity,
+    MergeResult,
+    Message,
+    OfferRecord,
+    OutboxEntry,
+    OutboxRow,
+    ProviderMessage,
+    QueuedConversation,
+    Replay,
+    RouterSnapshot,
+    RulesVersion,
+    Store,
+    TimerRow,
+    channel_identity,
+)
+from controller.store.sqlite import _redact  # erasure rewrites values alike on both
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+# asyncpg ships no type information: a (pooled) connection and a result row
+Conn: TypeAlias = Any
+Row: TypeAlias = Any
+
+SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# An outbox row is deliverable only when no earlier row of its lane (conversation and
+# destination) is still pending, so retries never overtake.
+_HEAD_OF_LANE = (
+    "NOT EXISTS (SELECT 1 FROM outbox p WHERE p.status = 'pending' "
+    "AND p.conversation_id = o.conversation_id AND p.destination = o.destination AND p.id < o.id)"
+)
+_ATTEMPTS = 8  # runs of one transaction that keeps losing races (each loss means progress)
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+class _Race(Exception):
+    """Another transaction stored the same row first: run this one again."""
+
+
+_RETRY = (
+    _Race,
+    asyncpg.exceptions.UniqueViolationError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+
+
+def _ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _json(value: Any, *, default: Callable[[Any], Any] | None = None) -> str:
+    """JSON text for a jsonb column (PostgreSQL refuses ``\\u0000`` in jsonb)."""
+    text = json.dumps(value, separators=(",", ":"), default=default)
+    if "\\u0000" in text:
+        text = _JSON_NUL.sub(r"\1\\ufffd", text)
+    return text
+
+
+def _text(value: str) -> str:
+    """Text for a text column (PostgreSQL refuses NUL characters)."""
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
+
+
+def _rowcount(status: str) -> int:
+    """Rows touched, from a command tag like ``UPDATE 3``."""
+    tail = status.rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def redact_url(url: str) -> str:
+    """The database URL without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    user = parts.username or ""
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, ""))
+
+
+def _event_from_row(row: Row) -> Event:
+    return Event(
+        id=row["id"],
+        type=row["type"],
+        conversation_id=row["conversation_id"],
+        seq=row["seq"],
+        source=row["source"],
+        dedupe_key=row["dedupe_key"],
+        accepted_at=_dt(row["accepted_at"]),
+        data=json.loads(row["data"]),
+    )
+
+
+class PostgresStore(Store):
+    """PostgreSQL implementation of the Store; several processes may share one database."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+    ) -> None:
+        if schema is not None and not SCHEMA_NAME.match(schema):
+            raise ConfigError(f"invalid database schema name {schema!r}")
+        self._url = url
+        self._schema = schema
+        self._min_size = min_size
+        self._max_size = max(max_size, min_size)
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def location(self) -> str:
+        where = redact_url(self._url)
+        return f"{where} (schema {self._schema})" if self._schema else where
+
+    # plumbing ----------------------------------------------------------------------------
+    async def open(self) -> None:
+        settings = {"application_name": "convctl"}
+        try:
+            if self._schema is not None:
+                await self._create_schema()
+                settings["search_path"] = self._schema
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                server_settings=settings,
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise ConfigError(f"cannot connect to {self.location}: {exc}") from exc
+        async with self._pool.acquire() as conn:
+            await self._migrate(conn)
+            # A previous process may have died with rows claimed: they are due again now.
+            # (With several processes sharing the database, claims need leases instead.)
+            await conn.execute(
+                "UPDATE outbox SET claimed = FALSE WHERE status = 'pending' AND claimed"
+            )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except TimeoutError:
+                pool.terminate()
+
+    async def _create_schema(self) -> None:
+        conn = await asyncpg.connect(self._url)
+        try:
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+        except (asyncpg.exceptions.UniqueViolationError, asyncpg.exceptions.DuplicateSchemaError):
+            pass  # another process created it at the same moment
+        finally:
+            await conn.close()
+
+    async def _migrate(self, conn: Conn) -> None:
+        # One process at a time migrates a schema; the others wait, then find nothing to do.
+        lock = "SELECT pg_advisory_{}(hashtextextended('convctl:migrate:' || current_schema(), 0))"
+        await conn.execute(lock.format("lock"))
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                "name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            folder = resources.files("controller.store") / "migrations"
+            scripts = sorted(p.name for p in folder.iterdir() if p.name.startswith("postgres_"))
+            for name in scripts:
+                version = int(name.split("_")[1])
+                if version in applied:
+                    continue
+                sql = (folder / name).read_text(encoding="utf-8")
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations VALUES ($1, $2, $3)",
+                        version,
+                        name,
+                        datetime.now(UTC).timestamp(),
+                    )
+                log.info("schema_migrated", version=version, script=name, backend="postgres")
+        finally:
+            await conn.execute(lock.format("unlock"))
+
+    def _need_pool(self) -> asyncpg.Pool:
+        assert self._pool is not None, "store is not open"
+        return self._pool
+
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``fn`` in one transaction; again (from the start) if it lost a race."""
+        pool = self._need_pool()
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await fn(conn)
+            except _RETRY as exc:
+                if attempt == _ATTEMPTS:
+                    raise
+                log.debug("postgres_transaction_retried", reason=type(exc).__name__)
+        raise AssertionError("unreachable")
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]], *, consistent: bool = False) -> T:
+        """Run ``fn`` on a pooled connection; ``consistent``: every query sees one snapshot."""
+        async with self._need_pool().acquire() as conn:
+            if not consistent:
+                return await fn(conn)
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                return await fn(conn)
+
+    # inbox -------------------------------------------------------------------------------
+    async def accept(self, events: Sequence[NewEvent], now: datetime) -> list[Accepted]:
+        async def run(conn: Conn) -> list[Accepted]:
+            return [await _accept_one(conn, ev, now) for ev in events]
+
+        return await self._tx(run)
+
+    async def load_for_decision(
+        self, conversation_id: str, limit: int = 100
+    ) -> tuple[Conversation | None, list[Event]]:
+        async def run(conn: Conn) -> tuple[Conversation | None, list[Event]]:
+            conv = await _load_conversation(conn, conversation_id)
+            rows = await conn.fetch(
+                "SELECT * FROM events WHERE conversation_id = $1 AND status = 'pending' "
+                "ORDER BY seq LIMIT $2",
+                conversation_id,
+                limit,
+            )
+            return conv, [_event_from_row(r) for r in rows]
+
+        return await self._read(run, consistent=True)
+
+    async def first_pending_events(self) -> list[tuple[str, str]]:
+        async def run(conn: Conn) -> list[tuple[str, str]]:
+            rows = await conn.fetch(
+                "SELECT e.conversation_id, e.id FROM events e JOIN ("
+                "SELECT conversation_id, MIN(seq) AS seq FROM events WHERE status = 'pending' "
+                "GROUP BY conversation_id) h ON h.conversation_id = e.conversation_id "
+                "AND h.seq = e.seq ORDER BY e.accepted_at, e.conversation_id"
+            )
+            return [(r[0], r[1]) for r in rows]
+
+        return await self._read(run)
+
+    async def event(self, event_id: str) -> Event | None:
+        async def run(conn: Conn) -> Event | None:
+            row = await conn.fetchrow("SELECT * FROM events WHERE id = $1", event_id)
+            return _event_from_row(row) if row else None
+
+        return await self._read(run)
+
+    async def events(self, conversation_id: str) -> list[tuple[Event, str]]:
+        async def run(conn: Conn) -> list[tuple[Event, str]]:
+            rows = await conn.fetch(
+                "SELECT * FROM events WHERE conversation_id = $1 ORDER BY seq", conversation_id
+            )
+            return [(_event_from_row(r), r["status"]) for r in rows]
+
+        return await self._read(run)
+
+    async def decisions(self, conversation_id: str) -> list[dict[str, Any]]:
+        async def run(conn: Conn) -> list[dict[str, Any]]:
+            rows = await conn.fetch(
+                "SELECT d.*, e.type FROM decisions d JOIN events e ON e.id = d.event_id "
+                "WHERE d.conversation_id = $1 ORDER BY d.seq",
+                conversation_id,
+            )
+            return [
+                {
+                    "event_id": r["event_id"],
+                    "event_type": r["type"],
+                    "seq": r["seq"],
+                    "rules_version": r["rules_version"],
+                    "matcher": r["matcher"],
+                    "outcome": r["outcome"],
+                    "state_after": r["state_after"],
+                    "fired": json.loads(r["fired"]),
+                    "refused": json.loads(r["refused"]),
+                    "decided_at": _dt(r["decided_at"]).isoformat(),
+                    "facts": None if r["facts"] is None else json.loads(r["facts"]),
+                }
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    # conversations -----------------------------------------------------------------------
+    async def load_conversation(self, conversation_id: str) -> Conversation | None:
+        return await self._read(lambda conn: _load_conversation(conn, conversation_id))
+
+    async def latest_conversation_id(
+        self, instance: str, endpoint: str, identity: str
+    ) -> str | None:
+        async def run(conn: Conn) -> str | None:
+            value = await conn.fetchval(
+                "SELECT id FROM conversations WHERE instance = $1 AND endpoint = $2 "
+                "AND identity = $3 ORDER BY closed ASC, created_at DESC LIMIT 1",
+                instance,
+                endpoint,
+                identity,
+            )
+            return None if value is None else str(value)
+
+        return await self._read(run)
+
+    async def present_customers(self, instance: str) -> list[tuple[str, str, int]]:
+        """Open conversations whose customer was last seen connected (undecided events count)."""
+
+        async def run(conn: Conn) -> list[tuple[str, str, int]]:
+            rows = await conn.fetch(
+                "SELECT c.id, c.identity, l.seq FROM conversations c "
+                "CROSS JOIN LATERAL (SELECT e.seq, e.type FROM events e "
+                "WHERE e.conversation_id = c.id AND e.type IN ('customer.message', "
+                "'customer.returned', 'customer.disconnected') ORDER BY e.seq DESC LIMIT 1) l "
+                "WHERE c.instance = $1 AND NOT c.closed AND l.type <> 'customer.disconnected'",
+                instance,
+            )
+            return [(r[0], r[1], int(r[2])) for r in rows]
+
+        return await self._read(run)
+
+    async def commit_decision(self, record: DecisionRecord, now: datetime) -> Committed:
+        return await self._tx(lambda conn: _commit_decision(conn, record, now))
+
+    async def messages(self, conversation_id: str, *, include_agent_only: bool) -> list[Message]:
+        async def run(conn: Conn) -> list[Message]:
+            sql = "SELECT * FROM messages WHERE conversation_id = $1"
+            if not include_agent_only:
+                sql += " AND visibility = 'all'"
+            rows = await conn.fetch(sql + " ORDER BY created_at, ord", conversation_id)
+            return [
+                Message(
+                    id=r["id"],
+                    conversation_id=r["conversation_id"],
+                    sender_role=r["sender_role"],
+                    sender_id=r["sender_id"],
+                    text=r["text"],
+                    created_at=_dt(r["created_at"]),
+                    visibility=r["visibility"],
+                    content=json.loads(r["content"]) if r["content"] is not None else None,
+                )
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    async def record_provider_message(
+        self,
+        instance: str,
+        provider_id: str,
+        conversation_id: str,
+        message_id: str,
+        sent_at: datetime,
+    ) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "INSERT INTO provider_messages (instance, provider_id, conversation_id, "
+                "message_id, sent_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                instance,
+                provider_id,
+                conversation_id,
+                message_id,
+                _ts(sent_at),
+            )
+        )
+
+    async def provider_message(self, instance: str, provider_id: str) -> ProviderMessage | None:
+        async def run(conn: Conn) -> ProviderMessage | None:
+            row = await conn.fetchrow(
+                "SELECT conversation_id, message_id, sent_at FROM provider_messages "
+                "WHERE instance = $1 AND provider_id = $2",
+                instance,
+                provider_id,
+            )
+            if row is None:
+                return None
+            return ProviderMessage(instance, provider_id, row[0], row[1], _dt(row[2]))
+
+        return await self._read(run)
+
+    # outbox ------------------------------------------------------------------------------
+    async def claim_outbox(self, now: datetime, limit: int) -> list[OutboxRow]:
+        async def run(conn: Conn) -> list[OutboxRow]:
+            # SKIP LOCKED: rows another claimer holds are left to it, nobody waits.
+            rows = await conn.fetch(
+                "WITH due AS (SELECT o.id FROM outbox o WHERE o.status = 'pending' "
+                f"AND NOT o.claimed AND o.next_attempt_at <= $1 AND {_HEAD_OF_LANE} "
+                "ORDER BY o.id LIMIT $2 FOR UPDATE OF o SKIP LOCKED) "
+                "UPDATE outbox SET claimed = TRUE FROM due WHERE outbox.id = due.id "
+                "RETURNING outbox.*",
+                _ts(now),
+                limit,
+            )
+            return sorted((_outbox_row(r) for r in rows), key=lambda r: r.id)
+
+        return await self._tx(run)
+
+    async def outbox_done(self, row_id: int) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET status = 'done', claimed = FALSE, attempts = attempts + 1, "
+                "done_at = $1 WHERE id = $2",
+                datetime.now(UTC).timestamp(),
+                row_id,
+            )
+        )
+
+    async def outbox_retry(self, row_id: int, at: datetime, error: str) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET claimed = FALSE, attempts = attempts + 1, "
+                "next_attempt_at = $1, last_error = $2 WHERE id = $3",
+                _ts(at),
+                _text(error[:1000]),
+                row_id,
+            )
+        )
+
+    async def outbox_release(self, row_ids: Sequence[int]) -> None:
+        """Unclaim rows without counting an attempt (they waited behind a failed row)."""
+        if row_ids:
+            await self._tx(
+                lambda conn: conn.execute(
+                    "UPDATE outbox SET claimed = FALSE WHERE id = ANY($1::bigint[])",
+                    list(row_ids),
+                )
+            )
+
+    async def outbox_dead(self, row_id: int, error: str) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET status = 'dead', claimed = FALSE, attempts = attempts + 1, "
+                "last_error = $1 WHERE id = $2",
+                _text(error[:1000]),
+                row_id,
+            )
+        )
+
+    async def outbox_next_due(self) -> datetime | None:
+        async def run(conn: Conn) -> datetime | None:
+            value = await conn.fetchval(
+                "SELECT MIN(o.next_attempt_at) FROM outbox o WHERE o.status = 'pending' "
+                f"AND NOT o.claimed AND {_HEAD_OF_LANE}"
+            )
+            return None if value is None else _dt(value)
+
+        return await self._read(run)
+
+    async def outbox_pending_lanes(self) -> list[tuple[str, str]]:
+        async def run(conn: Conn) -> list[tuple[str, str]]:
+            rows = await conn.fetch(
+                "SELECT DISTINCT conversation_id, destination FROM outbox WHERE status = 'pending'"
+            )
+            return [(r[0], r[1]) for r in rows]
+
+        return await self._read(run)
+
+    async def outbox_lane_pending(self, conversation_id: str, destination: str) -> int:
+        async def run(conn: Conn) -> int:
+            value = await conn.fetchval(
+                "SELECT COUNT(*) FROM outbox WHERE status = 'pending' AND conversation_id = $1 "
+                "AND destination = $2",
+                conversation_id,
+                destination,
+            )
+            return int(value)
+
+        return await self._read(run)
+
+    async def outbox_rows(self, status: str | None = None) -> list[dict[str, Any]]:
+        async def run(conn: Conn) -> list[dict[str, Any]]:
+            if status is None:
+                rows = await conn.fetch("SELECT * FROM outbox ORDER BY id")
+            else:
+                rows = await conn.fetch(
+                    "SELECT * FROM outbox WHERE status = $1 ORDER BY id", status
+                )
+            return [
+                {
+                    "id": r["id"],
+                    "conversation_id": r["conversation_id"],
+                    "event_id": r["event_id"],
+                    "n": r["n"],
+                    "destination": r["destination"],
+                    "payload": json.loads(r["payload"]),
+                    "status": r["status"],
+                    "attempts": r["attempts"],
+                    "last_error": r["last_error"],
+                }
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    # timers ------------------------------------------------------------------------------
+    async def timers(self) -> list[TimerRow]:
+        async def run(conn: Conn) -> list[TimerRow]:
+            rows = await conn.fetch("SELECT conversation_id, name, generation, due_at FROM timers")
+            return [TimerRow(r[0], r[1], r[2], _dt(r[3])) for r in rows]
+
+        return await self._read(run)
+
+    async def fire_timer(self, timer: TimerRow, now: datetime) -> Accepted | None:
+        async def run(conn: Conn) -> Accepted | None:
+            # The conversation first (the order a decision locks in: conversation, then its
+            # timers); the delete locks the timer: of two processes firing one timer, the
+            # second waits and then finds it gone (or of a newer generation) and fires nothing.
+            await conn.execute(
+                "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", timer.conversation_id
+            )
+            deleted = await conn.execute(
+                "DELETE FROM timers WHERE conversation_id = $1 AND name = $2 AND generation = $3",
+                timer.conversation_id,
+                timer.name,
+                timer.generation,
+            )
+            if not _rowcount(deleted):
+                return None
+            return await _accept_one(
+                conn,
+                NewEvent(
+                    type="timer.fired",
+                    source="timer",
+                    dedupe_key=f"{timer.conversation_id}:{timer.name}:{timer.generation}",
+                    conversation_id=timer.conversation_id,
+                    data={"name": timer.name, "generation": timer.generation},
+                ),
+                now,
+                allow_closed=True,
+            )
+
+        return await self._tx(run)
+
+    # agents and routing ------------------------------------------------------------------
+    async def upsert_agent(self, agent: AgentRecord) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "INSERT INTO agents VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE "
+                "SET name = excluded.name, capacity = excluded.capacity, skills = excluded.skills",
+                agent.id,
+                agent.name,
+                agent.presence,
+                agent.capacity,
+                _json(list(agent.skills)),
+                _ts(agent.idle_since),
+            )
+        )
+
+    async def agent(self, agent_id: str) -> AgentRecord | None:
+        async def run(conn: Conn) -> AgentRecord | None:
+            row = await conn.fetchrow("SELECT * FROM agents WHERE id = $1", agent_id)
+            return _agent_from_row(row) if row else None
+
+        return await self._read(run)
+
+    async def set_presence(self, agent_id: str, presence: str, now: datetime) -> None:
+        async def run(conn: Conn) -> None:
+            changed = await conn.execute(
+                "UPDATE agents SET presence = $1 WHERE id = $2", presence, agent_id
+            )
+            if not _rowcount(changed):
+                raise NotFound(f"unknown agent {agent_id!r}", code="unknown_agent")
+
+        await self._tx(run)
+
+    async def touch_agent_idle(self, agent_id: str, now: datetime) -> None:
+        """Record that an agent became free, for longest-idle routing."""
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE agents SET idle_since = $1 WHERE id = $2", _ts(now), agent_id
+            )
+        )
+
+    async def router_snapshot(self) -> RouterSnapshot:
+        async def run(conn: Conn) -> RouterSnapshot:
+            agents = [_agent_from_row(r) for r in await conn.fetch("SELECT * FROM agents")]
+            # Queued, and not already promised to an agent whose acceptance is being decided.
+            queued = [
+                QueuedConversation(
+                    r["id"],
+                    r["queue"] or "",
+                    r["priority"],
+                    tuple(json.loads(r["skills"]) or ()),
+                    _dt(r["enqueued_at"] if r["enqueued_at"] is not None else r["created_at"]),
+                )
+                for r in await conn.fetch(
+                    "SELECT c.id, c.queue, c.priority, c.enqueued_at, c.created_at, "
+                    "COALESCE(c.snapshot -> 'skills', '[]'::jsonb) AS skills "
+                    "FROM conversations c WHERE c.state = 'queued' AND NOT EXISTS "
+                    "(SELECT 1 FROM offers o JOIN events e ON e.source = 'router' "
+                    "AND e.dedupe_key = o.id || ':accepted' WHERE o.conversation_id = c.id "
+                    "AND e.status = 'pending')"
+                )
+            ]
+            offers = [
+                _offer_from_row(r)
+                for r in await conn.fetch("SELECT * FROM offers WHERE status = 'pending'")
+            ]
+            assignments = [
+                (r[0], r[1])
+                for r in await conn.fetch("SELECT agent_id, conversation_id FROM assignments")
+            ]
+            tried = [
+                (r[0], r[1])
+                for r in await conn.fetch(
+                    "SELECT o.conversation_id, o.agent_id FROM offers o JOIN conversations c "
+                    "ON c.id = o.conversation_id WHERE c.state = 'queued' "
+                    "AND o.status IN ('declined', 'expired') "
+                    "AND o.created_at >= COALESCE(c.enqueued_at, 0)"
+                )
+            ]
+            accepting = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT o.conversation_id FROM offers o JOIN events e ON e.source = 'router' "
+                    "AND e.dedupe_key = o.id || ':accepted' WHERE e.status = 'pending'"
+                )
+            ]
+            return RouterSnapshot(agents, queued, offers, assignments, tried, accepting)
+
+        return await self._read(run, consistent=True)
+
+    async def create_offer(self, offer: OfferRecord, now: datetime) -> Accepted:
+        async def run(conn: Conn) -> Accepted:
+            await conn.execute(
+                "INSERT INTO offers (id, conversation_id, agent_id, status, created_at, "
+                "expires_at) VALUES ($1, $2, $3, 'pending', $4, $5)",
+                offer.id,
+                offer.conversation_id,
+                offer.agent_id,
+                _ts(offer.created_at),
+                _ts(offer.expires_at),
+            )
+            return await _accept_one(
+                conn,
+                NewEvent(
+                    type="agent.offered",
+                    source="router",
+                    dedupe_key=f"{offer.id}:offered",
+                    conversation_id=offer.conversation_id,
+                    data={"agent_id": offer.agent_id, "offer_id": offer.id},
+                ),
+                now,
+            )
+
+        return await self._tx(run)
+
+    async def resolve_offer(
+        self, offer_id: str, status: str, event_type: str, now: datetime
+    ) -> Accepted | None:
+        async def run(conn: Conn) -> Accepted | None:
+            # Locks in a decision's order (conversation, then what hangs on it); the offer's
+            # row lock makes one of two racing outcomes (accepted, expired) win.
+            await conn.execute(
+                "SELECT 1 FROM conversations c JOIN offers o ON o.conversation_id = c.id "
+                "WHERE o.id = $1 FOR UPDATE OF c",
+                offer_id,
+            )
+            row = await conn.fetchrow(
+                "SELECT * FROM offers WHERE id = $1 AND status = 'pending' FOR UPDATE", offer_id
+            )
+            if row is None:
+                return None
+            await conn.execute(
+                "UPDATE offers SET status = $1, resolved_at = $2 WHERE id = $3",
+                status,
+                _ts(now),
+                offer_id,
+            )
+            if status == "accepted":
+                await conn.execute(
+                    "INSERT INTO assignments VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    row["agent_id"],
+                    row["conversation_id"],
+                    _ts(now),
+                )
+            if status == "cancelled":
+                return None
+            return await _accept_one(
+                conn,
+                NewEvent(
+                    type=event_type,  # type: ignore[arg-type]
+                    source="router",
+                    dedupe_key=f"{offer_id}:{status}",
+                    conversation_id=row["conversation_id"],
+                    data={"agent_id": row["agent_id"], "offer_id": offer_id},
+                ),
+                now,
+                allow_closed=True,
+            )
+
+        return await self._tx(run)
+
+    async def offer(self, offer_id: str) -> OfferRecord | None:
+        async def run(conn: Conn) -> OfferRecord | None:
+            row = await conn.fetchrow("SELECT * FROM offers WHERE id = $1", offer_id)
+            return _offer_from_row(row) if row else None
+
+        return await self._read(run)
+
+    async def put_token(self, token_hash: str, role: str, subject: str, now: datetime) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "INSERT INTO tokens (hash, role, subject, created_at) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT DO NOTHING",
+                token_hash,
+                role,
+                subject,
+                _ts(now),
+            )
+        )
+
+    async def token(self, token_hash: str) -> tuple[str, str] | None:
+        async def run(conn: Conn) -> tuple[str, str] | None:
+            row = await conn.fetchrow(
+                "SELECT role, subject FROM tokens WHERE hash = $1 AND NOT revoked", token_hash
+            )
+            return (row[0], row[1]) if row else None
+
+        return await self._read(run)
+
+    async def count(self, table: str) -> int:
+        """Rows in a table (for tests and benchmarks)."""
+        if table not in {
+            "events",
+            "conversations",
+            "decisions",
+            "outbox",
+            "timers",
+            "messages",
+            "provider_messages",
+        }:
+            raise ValueError(table)
+
+        async def run(conn: Conn) -> int:
+            return int(await conn.fetchval(f"SELECT COUNT(*) FROM {table}"))
+
+        return await self._read(run)
+
+    # rules versions ----------------------------------------------------------------------
+    async def save_rules_version(self, record: RulesVersion) -> bool:
+        files = _json(record.files)
+
+        async def run(conn: Conn) -> bool:
+            stored = await conn.fetchval(
+                "INSERT INTO rules_versions (version, files, loaded_at, source) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING 1",
+                record.version,
+                files,
+                _ts(record.loaded_at),
+                record.source,
+            )
+            return stored is not None
+
+        return await self._tx(run)
+
+    async def rules_versions(self) -> list[RulesVersion]:
+        async def run(conn: Conn) -> list[RulesVersion]:
+            rows = await conn.fetch(
+                "SELECT version, loaded_at, source FROM rules_versions "
+                "ORDER BY loaded_at DESC, ord DESC"
+            )
+            return [RulesVersion(r[0], {}, _dt(r[1]), r[2]) for r in rows]
+
+        return await self._read(run)
+
+    async def rules_version(self, version: str) -> RulesVersion | None:
+        async def run(conn: Conn) -> RulesVersion | None:
+            row = await conn.fetchrow(
+                "SELECT version, files, loaded_at, source FROM rules_versions WHERE version = $1",
+                version,
+            )
+            if row is None:
+                return None
+            return RulesVersion(row[0], json.loads(row[1]), _dt(row[2]), row[3])
+
+        return await self._read(run)
+
+    # customers ---------------------------------------------------------------------------
+    async def create_customer(
+        self,
+        profile: Mapping[str, Any],
+        identities: Sequence[Identity],
+        now: datetime,
+        idempotency: IdempotencyKey | None = None,
+    ) -> CustomerRecord | Replay:
+        async def run(conn: Conn) -> CustomerRecord | Replay:
+            replay = await _replay(conn, idempotency)
+            if replay is not None:
+                return replay
+            record = await _create_customer(conn, profile, identities, now)
+            await _remember(conn, idempotency, 201, record.as_dict(), now)
+            return record
+
+        return await self._tx(run)
+
+    async def customer(self, customer_id: str) -> CustomerRecord | None:
+        return await self._read(lambda conn: _customer(conn, customer_id), consistent=True)
+
+    async def update_customer(
+        self,
+        customer_id: str,
+        changes: Mapping[str, Any],
+        now: datetime,
+        *,
+        expected_version: int | None,
+    ) -> CustomerRecord:
+        return await self._tx(
+            lambda conn: _update_customer(conn, customer_id, changes, now, expected_version)
+        )
+
+    async def delete_customer(
+        self, customer_id: str, now: datetime, *, expected_version: int | None = None
+    ) -> int:
+        async def run(conn: Conn) -> int:
+            current = await _current(conn, customer_id, expected_version, lock=True)
+            await conn.execute("DELETE FROM identities WHERE customer_id = $1", customer_id)
+            used = await conn.fetchval(
+                "SELECT 1 FROM conversations WHERE customer_id = $1 LIMIT 1", customer_id
+            )
+            if used is None:
+                await conn.execute("DELETE FROM customers WHERE id = $1", customer_id)
+            else:
+                # The conversations keep their customer id: a tombstone without personal
+                # fields, whose first-contact key is released (a new contact is a new customer).
+                await conn.execute(
+                    "UPDATE customers SET identity_key = $1, name = NULL, email = NULL, "
+                    "phone = NULL, language = NULL, external_id = NULL, custom = '{}', "
+                    "known = FALSE, version = version + 1, updated_at = $2, deleted_at = $2 "
+                    "WHERE id = $3",
+                    f"deleted:{customer_id}",
+                    _ts(now),
+                    customer_id,
+                )
+            return current.version + 1
+
+        return await self._tx(run)
+
+    async def list_customers(self, query: CustomerQuery) -> tuple[list[CustomerRecord], str | None]:
+        async def run(conn: Conn) -> tuple[list[CustomerRecord], str | None]:
+            args: list[Any] = []
+
+            def arg(value: Any) -> str:
+                args.append(value)
+                return f"${len(args)}"
+
+            where: list[str] = ["deleted_at IS NULL"]
+            if query.cursor is not None:
+                where.append(f"id > {arg(query.cursor)}")
+            if query.known is not None:
+                where.append(f"known = {arg(query.known)}")
+            for column in ("email", "phone", "external_id"):
+                value = getattr(query, column)
+                if value is not None:
+                    where.append(f"{column} = {arg(value)}")
+            if query.name_prefix:
+                low, high = query.name_prefix, query.name_prefix + "\U0010ffff"
+                where.append(f"name >= {arg(low)} AND name < {arg(high)}")
+            rows = await conn.fetch(
+                f"SELECT * FROM customers WHERE {' AND '.join(where)} ORDER BY id "
+                f"LIMIT {arg(query.limit + 1)}",
+                *args,
+            )
+            records = [await _customer_from_row(conn, r) for r in rows[: query.limit]]
+            more = len(rows) > query.limit
+            return records, records[-1].id if more and records else None
+
+        return await self._read(run, consistent=True)
+
+    async def lookup_customer(self, identity: Identity) -> CustomerRecord | None:
+        async def run(conn: Conn) -> CustomerRecord | None:
+            customer_id = await conn.fetchval(
+                "SELECT customer_id FROM identities WHERE kind = $1 AND value = $2",
+                identity.kind,
+                identity.value,
+            )
+            return await _customer(conn, customer_id) if customer_id else None
+
+        return await self._read(run, consistent=True)
+
+    async def attach_identity(
+        self,
+        customer_id: str,
+        identity: Identity,
+        now: datetime,
+        idempotency: IdempotencyKey | None = None,
+    ) -> CustomerRecord | Replay:
+        async def run(conn: Conn) -> CustomerRecord | Replay:
+            replay = await _replay(conn, idempotency)
+            if replay is not None:
+                return replay
+            current = await _current(conn, customer_id, None, lock=True)
+            added = await _add_identity(conn, customer_id, identity, now)
+            field_name = next((f for f, k in IDENTITY_FIELDS.items() if k == identity.kind), None)
+            fill = field_name is not None and current.profile[field_name] is None
+            if added or fill or not current.known:
+                await conn.execute(
+                    f"UPDATE customers SET known = TRUE, version = version + 1, updated_at = $1"
+                    f"{f', {field_name} = $3' if fill else ''} WHERE id = $2",
+                    _ts(now),
+                    customer_id,
+                    *([identity.value] if fill else []),
+                )
+            record = await _customer(conn, customer_id)
+            assert record is not None
+            await _remember(conn, idempotency, 200, record.as_dict(), now)
+            return record
+
+        return await self._tx(run)
+
+    async def customer_open_conversations(self, customer_id: str) -> list[str]:
+        async def run(conn: Conn) -> list[str]:
+            rows = await conn.fetch(
+                "SELECT id FROM conversations WHERE customer_id = $1 AND NOT closed "
+                "ORDER BY created_at",
+                customer_id,
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    async def bulk_upsert_customers(
+        self, lines: Sequence[tuple[int, Mapping[str, Any]]], now: datetime
+    ) -> list[BulkOutcome]:
+        async def run(conn: Conn) -> list[BulkOutcome]:
+            outcomes: list[BulkOutcome] = []
+            for number, changes in lines:
+                # each line atomic on its own inside the batch's transaction (a savepoint)
+                try:
+                    async with conn.transaction():
+                        outcome, record = await _upsert_by_external_id(conn, changes, now)
+                except (ConvctlError, asyncpg.exceptions.IntegrityConstraintViolationError) as exc:
+                    code, message = (
+                        (exc.code, exc.message)
+                        if isinstance(exc, ConvctlError)
+                        else ("conflict", str(exc))
+                    )
+                    outcomes.append(BulkOutcome(number, "failed", None, code, message))
+                    continue
+                outcomes.append(BulkOutcome(number, outcome, record))
+            return outcomes
+
+        return await self._tx(run)
+
+    async def merge_customers(self, into_id: str, from_id: str, now: datetime) -> MergeResult:
+        async def run(conn: Conn) -> MergeResult:
+            if into_id == from_id:
+                raise RequestError(
+                    "a customer cannot be merged into itself", code="merge_self", status=422
+                )
+            # Both rows locked in one statement (a stable order), so two merges of the same
+            # customers wait for each other instead of deadlocking.
+            await conn.execute(
+                "SELECT 1 FROM customers WHERE id IN ($1, $2) ORDER BY id FOR UPDATE",
+                into_id,
+                from_id,
+            )
+            done = await conn.fetchrow(
+                "SELECT into_id, identities, conversations, merged_at FROM customer_merges "
+                "WHERE from_id = $1",
+                from_id,
+            )
+            if done is not None:
+                if done[0] != into_id:
+                    raise Conflict(
+                        f"customer {from_id!r} was merged into {done[0]!r}",
+                        code="already_merged",
+                    )
+                record = await _current(conn, into_id, None)
+                version = await conn.fetchval(
+                    "SELECT version FROM customers WHERE id = $1", from_id
+                )
+                return MergeResult(
+                    into_id, from_id, done[1], done[2], _dt(done[3]), record, version, True
+                )
+            into = await _current(conn, into_id, None)
+            source = await _current(conn, from_id, None)
+            # Empty fields of the survivor are filled from the merged-away profile; the unique
+            # external id is released first. Every identity moves as it is.
+            fill = {
+                f: source.profile[f]
+                for f in PROFILE_FIELDS
+                if into.profile[f] is None and source.profile[f] is not None
+            }
+            custom = {**source.custom, **into.custom}
+            await conn.execute("UPDATE customers SET external_id = NULL WHERE id = $1", from_id)
+            identities = _rowcount(
+                await conn.execute(
+                    "UPDATE identities SET customer_id = $1 WHERE customer_id = $2",
+                    into_id,
+                    from_id,
+                )
+            )
+            # The conversations keep the identity they run on; their version moves so a
+            # decision in flight on the old snapshot is retried on the new one.
+            conversations = _rowcount(
+                await conn.execute(
+                    "UPDATE conversations SET customer_id = $1, "
+                    "snapshot = jsonb_set(snapshot, '{customer_id}', to_jsonb($1::text)), "
+                    "version = version + 1 WHERE customer_id = $2",
+                    into_id,
+                    from_id,
+                )
+            )
+            assignments = "".join(f", {f} = ${i}" for i, f in enumerate(fill, start=5))
+            await conn.execute(
+                f"UPDATE customers SET version = version + 1, updated_at = $1, known = $2, "
+                f"custom = $3{assignments} WHERE id = $4",
+                _ts(now),
+                into.known or source.known,
+                _json(custom),
+                into_id,
+                *fill.values(),
+            )
+            await conn.execute(
+                "UPDATE customers SET identity_key = $1, name = NULL, email = NULL, "
+                "phone = NULL, language = NULL, external_id = NULL, custom = '{}', "
+                "known = FALSE, version = version + 1, updated_at = $2, deleted_at = $2 "
+                "WHERE id = $3",
+                f"merged:{from_id}",
+                _ts(now),
+                from_id,
+            )
+            await conn.execute(
+                "INSERT INTO customer_merges VALUES ($1, $2, $3, $4, $5)",
+                from_id,
+                into_id,
+                identities,
+                conversations,
+                _ts(now),
+            )
+            merged = await _customer(conn, into_id)
+            assert merged is not None
+            return MergeResult(
+                into_id,
+                from_id,
+                identities,
+                conversations,
+                now,
+                merged,
+                source.version + 1,
+                False,
+            )
+
+        return await self._tx(run)
+
+    async def merged_into(self, customer_id: str) -> str | None:
+        async def run(conn: Conn) -> str | None:
+            found: str | None = None
+            current = customer_id
+            for _ in range(100):  # merge chains are short; a bound guards against a cycle
+                into = await conn.fetchval(
+                    "SELECT into_id FROM customer_merges WHERE from_id = $1", current
+                )
+                if into is None:
+                    break
+                found = current = str(into)
+            return found
+
+        return await self._read(run, consistent=True)
+
+    async def merged_from(self, customer_id: str) -> list[str]:
+        async def run(conn: Conn) -> list[str]:
+            rows = await conn.fetch(
+                "SELECT from_id FROM customer_merges WHERE into_id = $1 "
+                "ORDER BY merged_at, from_id",
+                customer_id,
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(run)
+
+    async def erase_customer(self, customer_id: str, now: datetime, marker: str) -> int:
+        # Rewritten rows leave dead versions behind until (auto)vacuum reclaims them.
+        return await self._tx(lambda conn: _erase(conn, customer_id, now, marker))
+
+    async def customer_conversations(self, customer_id: str) -> list[dict[str, Any]]:
+        async def run(conn: Conn) -> list[dict[str, Any]]:
+            rows = await conn.fetch(
+                "SELECT id, snapshot ->> 'channel' AS channel, instance, endpoint, identity, "
+                "state, created_at FROM conversations WHERE customer_id = $1 "
+                "ORDER BY created_at, id",
+                customer_id,
+            )
+            return [
+                {
+                    "id": r["id"],
+                    "channel": r["channel"],
+                    "instance": r["instance"],
+                    "endpoint": r["endpoint"],
+                    "identity": r["identity"],
+                    "state": r["state"],
+                    "created_at": _dt(r["created_at"]).isoformat(),
+                }
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    # apps --------------------------------------------------------------------------------
+    async def create_app(self, app: AppRecord, token_hash: str) -> AppRecord:
+        async def run(conn: Conn) -> AppRecord:
+            taken = await conn.fetchval(
+                "SELECT 1 FROM apps WHERE name = $1 AND deleted_at IS NULL", app.name
+            )
+            if taken:
+                raise Conflict(f"an app named {app.name!r} exists", code="name_taken")
+            await conn.execute(
+                "INSERT INTO apps (id, name, description, scopes, webhook_url, webhook_secret, "
+                "enabled, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                app.id,
+                app.name,
+                app.description,
+                _json(list(app.scopes)),
+                app.webhook_url,
+                app.webhook_secret,
+                app.enabled,
+                _ts(app.created_at),
+                _ts(app.updated_at),
+            )
+            await conn.execute(
+                "INSERT INTO tokens (hash, role, subject, created_at) VALUES ($1, 'app', $2, $3)",
+                token_hash,
+                app.id,
+                _ts(app.created_at),
+            )
+            return await _app(conn, app.id)
+
+        return await self._tx(run)
+
+    async def app_record(self, app_id: str) -> AppRecord | None:
+        async def run(conn: Conn) -> AppRecord | None:
+            row = await conn.fetchrow("SELECT * FROM apps WHERE id = $1", app_id)
+            return _app_from_row(row) if row else None
+
+        return await self._read(run)
+
+    async def app_records(self, *, include_deleted: bool = False) -> list[AppRecord]:
+        async def run(conn: Conn) -> list[AppRecord]:
+            where = "" if include_deleted else " WHERE deleted_at IS NULL"
+            rows = await conn.fetch(f"SELECT * FROM apps{where} ORDER BY created_at, ord")
+            return [_app_from_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def update_app(self, app_id: str, changes: Mapping[str, Any], now: datetime) -> AppRecord:
+        columns = ("name", "description", "scopes", "webhook_url", "enabled", "webhook_secret")
+        values = {k: v for k, v in changes.items() if k in columns}
+        if "scopes" in values:
+            values["scopes"] = _json(list(values["scopes"]))
+        if "enabled" in values:
+            values["enabled"] = bool(values["enabled"])
+
+        async def run(conn: Conn) -> AppRecord:
+            await _live_app(conn, app_id, lock=True)
+            if "name" in values:
+                taken = await conn.fetchval(
+                    "SELECT 1 FROM apps WHERE name = $1 AND id <> $2 AND deleted_at IS NULL",
+                    values["name"],
+                    app_id,
+                )
+                if taken:
+                    raise Conflict(f"an app named {values['name']!r} exists", code="name_taken")
+            assignments = "".join(f", {c} = ${i}" for i, c in enumerate(values, start=3))
+            await conn.execute(
+                f"UPDATE apps SET updated_at = $1{assignments} WHERE id = $2",
+                _ts(now),
+                app_id,
+                *values.values(),
+            )
+            return await _app(conn, app_id)
+
+        return await self._tx(run)
+
+    async def replace_app_token(self, app_id: str, token_hash: str, now: datetime) -> None:
+        async def run(conn: Conn) -> None:
+            await _live_app(conn, app_id, lock=True)
+            await conn.execute(
+                "UPDATE tokens SET revoked = TRUE WHERE role = 'app' AND subject = $1", app_id
+            )
+            await conn.execute(
+                "INSERT INTO tokens (hash, role, subject, created_at) VALUES ($1, 'app', $2, $3)",
+                token_hash,
+                app_id,
+                _ts(now),
+            )
+            await conn.execute("UPDATE apps SET updated_at = $1 WHERE id = $2", _ts(now), app_id)
+
+        await self._tx(run)
+
+    async def delete_app(self, app_id: str, now: datetime, reason: str) -> int:
+        async def run(conn: Conn) -> int:
+            await _live_app(conn, app_id, lock=True)
+            await conn.execute(
+                "UPDATE apps SET enabled = FALSE, deleted_at = $1, updated_at = $1 WHERE id = $2",
+                _ts(now),
+                app_id,
+            )
+            await conn.execute(
+                "UPDATE tokens SET revoked = TRUE WHERE role = 'app' AND subject = $1", app_id
+            )
+            await conn.execute("DELETE FROM app_subscriptions WHERE app_id = $1", app_id)
+            return _rowcount(
+                await conn.execute(
+                    "UPDATE outbox SET status = 'dead', claimed = FALSE, last_error = $1 "
+                    "WHERE destination = $2 AND status = 'pending'",
+                    _text(reason[:1000]),
+                    f"app:{app_id}",
+                )
+            )
+
+        return await self._tx(run)
+
+    async def add_app_subscription(self, subscription: AppSubscription) -> None:
+        async def run(conn: Conn) -> None:
+            await _live_app(conn, subscription.app_id, share=True)
+            await conn.execute(
+                "INSERT INTO app_subscriptions (id, app_id, event_types, created_at) "
+                "VALUES ($1, $2, $3, $4)",
+                subscription.id,
+                subscription.app_id,
+                _json(list(subscription.event_types)),
+                _ts(subscription.created_at),
+            )
+
+        await self._tx(run)
+
+    async def app_subscriptions(self, app_id: str | None = None) -> list[AppSubscription]:
+        async def run(conn: Conn) -> list[AppSubscription]:
+            if app_id is None:
+                rows = await conn.fetch("SELECT * FROM app_subscriptions ORDER BY created_at, ord")
+            else:
+                rows = await conn.fetch(
+                    "SELECT * FROM app_subscriptions WHERE app_id = $1 ORDER BY created_at, ord",
+                    app_id,
+                )
+            return [
+                AppSubscription(
+                    r["id"], r["app_id"], tuple(json.loads(r["event_types"])), _dt(r["created_at"])
+                )
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    async def delete_app_subscriptions(self, app_id: str, subscription_ids: Sequence[str]) -> int:
+        async def run(conn: Conn) -> int:
+            return _rowcount(
+                await conn.execute(
+                    "DELETE FROM app_subscriptions WHERE app_id = $1 AND id = ANY($2::text[])",
+                    app_id,
+                    list(dict.fromkeys(subscription_ids)),
+                )
+            )
+
+        return await self._tx(run)
+
+    async def outbox_entries(
+        self,
+        destination: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+    ) -> list[OutboxEntry]:
+        async def run(conn: Conn) -> list[OutboxEntry]:
+            rows = await conn.fetch(
+                "SELECT * FROM outbox WHERE destination = $1 "
+                "AND ($2::text IS NULL OR status = $2) AND ($3::bigint IS NULL OR id < $3) "
+                "ORDER BY id DESC LIMIT $4",
+                destination,
+                status,
+                before_id,
+                limit,
+            )
+            return [_outbox_entry(r) for r in rows]
+
+        return await self._read(run)
+
+    async def outbox_entry(self, destination: str, event_id: str, n: int) -> OutboxEntry | None:
+        async def run(conn: Conn) -> OutboxEntry | None:
+            row = await conn.fetchrow(
+                "SELECT * FROM outbox WHERE event_id = $1 AND n = $2 AND destination = $3",
+                event_id,
+                n,
+                destination,
+            )
+            return _outbox_entry(row) if row else None
+
+        return await self._read(run)
+
+    async def outbox_replay(self, row_id: int, now: datetime) -> bool:
+        async def run(conn: Conn) -> bool:
+            return bool(
+                _rowcount(
+                    await conn.execute(
+                        "UPDATE outbox SET status = 'pending', claimed = FALSE, attempts = 0, "
+                        "replays = replays + 1, next_attempt_at = $1, done_at = NULL "
+                        "WHERE id = $2 AND status = 'dead'",
+                        _ts(now),
+                        row_id,
+                    )
+                )
+            )
+
+        return await self._tx(run)
+
+
+# rows -------------------------------------------------------------------------------------
+def _outbox_row(row: Row) -> OutboxRow:
+    return OutboxRow(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        event_id=row["event_id"],
+        n=row["n"],
+        destination=row["destination"],
+        payload=json.loads(row["payload"]),
+        attempts=row["attempts"],
+    )
+
+
+def _outbox_entry(row: Row) -> OutboxEntry:
+    return OutboxEntry(
+        row=_outbox_row(row),
+        status=row["status"],
+        replays=row["replays"],
+        last_error=row["last_error"],
+        created_at=_dt(row["created_at"]),
+        next_attempt_at=_dt(row["next_attempt_at"]),
+        done_at=_dt(row["done_at"]) if row["done_at"] is not None else None,
+    )
+
+
+def _agent_from_row(row: Row) -> AgentRecord:
+    return AgentRecord(
+        id=row["id"],
+        name=row["name"],
+        presence=row["presence"],
+        capacity=row["capacity"],
+        skills=tuple(json.loads(row["skills"])),
+        idle_since=_dt(row["idle_since"]),
+    )
+
+
+def _offer_from_row(row: Row) -> OfferRecord:
+    return OfferRecord(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        agent_id=row["agent_id"],
+        status=row["status"],
+        created_at=_dt(row["created_at"]),
+        expires_at=_dt(row["expires_at"]),
+    )
+
+
+def _app_from_row(row: Row) -> AppRecord:
+    return AppRecord(
+        id=row["id"],
+        name=row["name"],
+        description=row["description"],
+        scopes=tuple(json.loads(row["scopes"])),
+        webhook_url=row["webhook_url"],
+        webhook_secret=row["webhook_secret"],
+        enabled=bool(row["enabled"]),
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"]),
+        deleted_at=_dt(row["deleted_at"]) if row["deleted_at"] is not None else None,
+    )
+
+
+async def _app(conn: Conn, app_id: str, *, lock: str = "") -> AppRecord:
+    row = await conn.fetchrow(f"SELECT * FROM apps WHERE id = $1{lock}", app_id)
+    if row is None:
+        raise NotFound(f"unknown app {app_id!r}", code="unknown_app")
+    return _app_from_row(row)
+
+
+async def _live_app(
+    conn: Conn, app_id: str, *, lock: bool = False, share: bool = False
+) -> AppRecord:
+    """The app, refused when deleted; ``lock`` holds its row until commit (``share``: shared,
+    so a concurrent delete waits for this transaction)."""
+    app = await _app(conn, app_id, lock=" FOR UPDATE" if lock else " FOR SHARE" if share else "")
+    if app.deleted_at is not None:
+        raise Conflict(f"app {app_id!r} was deleted", code="app_deleted")
+    return app
+
+
+# transaction bodies -------------------------------------------------------------------------
+async def _load_conversation(conn: Conn, conversation_id: str) -> Conversation | None:
+    row = await conn.fetchrow(
+        "SELECT snapshot, version FROM conversations WHERE id = $1", conversation_id
+    )
+    if row is None:
+        return None
+    conv = Conversation.model_validate_json(row[0])
+    conv.version = row[1]
+    return conv
+
+
+async def _accept_one(
+    conn: Conn, ev: NewEvent, now: datetime, *, allow_closed: bool = False
+) -> Accepted:
+    found = await conn.fetchrow(
+        "SELECT id, conversation_id, seq FROM events WHERE source = $1 AND dedupe_key = $2",
+        ev.source,
+        ev.dedupe_key,
+    )
+    if found is not None:
+        return Accepted(found[0], found[1], found[2], duplicate=True)
+    conversation_id = ev.conversation_id
+    if conversation_id is not None:
+        # Locked until commit: a decision closing the conversation cannot slip in between
+        # this check and the event's insert.
+        closed = await conn.fetchval(
+            "SELECT closed FROM conversations WHERE id = $1 FOR UPDATE", conversation_id
+        )
+        if closed is None:
+            raise NotFound(f"unknown conversation {conversation_id!r}", code="unknown_conversation")
+        if closed and not allow_closed:
+            raise Conflict(
+                f"conversation {conversation_id!r} is closed", code="conversation_closed"
+            )
+    else:
+        if not (ev.channel and ev.instance and ev.endpoint and ev.identity):
+            raise ValueError(
+                "an event without conversation_id needs channel, instance, endpoint, identity"
+            )
+        open_id = await conn.fetchval(
+            "SELECT id FROM conversations WHERE instance = $1 AND endpoint = $2 "
+            "AND identity = $3 AND NOT closed FOR UPDATE",
+            ev.instance,
+            ev.endpoint,
+            ev.identity,
+        )
+        conversation_id = open_id or await _open_conversation(conn, ev, now)
+    return await _insert_event(conn, conversation_id, ev, now)
+
+
+async def _insert_event(conn: Conn, conversation_id: str, ev: NewEvent, now: datetime) -> Accepted:
+    seq = await conn.fetchval(
+        "UPDATE conversations SET next_seq = next_seq + 1 WHERE id = $1 RETURNING next_seq - 1",
+        conversation_id,
+    )
+    event_id = new_id("ev")
+    stored = await conn.fetchval(
+        "INSERT INTO events (id, conversation_id, seq, type, source, dedupe_key, data, "
+        "accepted_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+        "ON CONFLICT (source, dedupe_key) DO NOTHING RETURNING id",
+        event_id,
+        conversation_id,
+        seq,
+        ev.type,
+        ev.source,
+        ev.dedupe_key,
+        _json(ev.data),
+        _ts(now),
+    )
+    if stored is None:
+        # A concurrent transaction stored this event first (it was not there when this one
+        # looked). Start over: the run finds the event and answers "duplicate", and the
+        # sequence number taken above is given back.
+        raise _Race(f"{ev.source}:{ev.dedupe_key}")
+    return Accepted(event_id, conversation_id, int(seq), duplicate=False)
+
+
+async def _open_conversation(conn: Conn, ev: NewEvent, now: datetime) -> str:
+    assert ev.instance and ev.endpoint and ev.identity and ev.channel
+    identity_key = f"{ev.instance}:{ev.endpoint}:{ev.identity}"
+    # The customer: by the first contact's key, else by the channel identity (a profile the
+    # Customer API made or identified, or the same user on another endpoint), else a new
+    # anonymous customer with that identity.
+    ident = channel_identity(ev.channel, ev.identity)
+    customer_id = await conn.fetchval(
+        "SELECT id FROM customers WHERE identity_key = $1", identity_key
+    ) or await conn.fetchval(
+        "SELECT customer_id FROM identities WHERE kind = $1 AND value = $2",
+        ident.kind,
+        ident.value,
+    )
+    if customer_id is None:
+        customer_id = new_id("cu")
+        # A concurrent first contact of the same identity makes this insert (or the
+        # conversation's below) violate a unique index: the transaction runs again and finds
+        # that customer and conversation.
+        await conn.execute(
+            "INSERT INTO customers (id, identity_key, created_at, updated_at) "
+            "VALUES ($1, $2, $3, $3)",
+            customer_id,
+            identity_key,
+            _ts(now),
+        )
+        await conn.execute(
+            "INSERT INTO identities (kind, value, customer_id, created_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            ident.kind,
+            ident.value,
+            customer_id,
+            _ts(now),
+        )
+    previous = await conn.fetchval(
+        "SELECT id FROM conversations WHERE instance = $1 AND endpoint = $2 AND identity = $3 "
+        "ORDER BY created_at DESC LIMIT 1",
+        ev.instance,
+        ev.endpoint,
+        ev.identity,
+    )
+    conv_id = new_id("cv")
+    language = ev.data.get("language")
+    conv = Conversation(
+        id=conv_id,
+        channel=ev.channel,
+        instance=ev.instance,
+        endpoint=ev.endpoint,
+        identity=ev.identity,
+        customer_id=customer_id,
+        created_at=now,
+        last_activity_at=now,
+        language=language if isinstance(language, str) and language else "en",
+        previous_conversation_id=previous,
+    )
+    await conn.execute(
+        "INSERT INTO conversations (id, instance, endpoint, identity, customer_id, state, "
+        "snapshot, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, 'new', $6, $7, $7)",
+        conv_id,
+        ev.instance,
+        ev.endpoint,
+        ev.identity,
+        customer_id,
+        _snapshot_json(conv),
+        _ts(now),
+    )
+    await _insert_event(
+        conn,
+        conv_id,
+        NewEvent(
+            type="conversation.created",
+            source="controller",
+            dedupe_key=f"{conv_id}:created",
+            conversation_id=conv_id,
+            data={
+                "channel": ev.channel,
+                "direction": "outbound" if ev.type == "agent.outbound" else "inbound",
+            },
+        ),
+        now,
+    )
+    return conv_id
+
+
+def _snapshot_json(conv: Conversation) -> str:
+    text = conv.model_dump_json(exclude={"version"})
+    if "\\u0000" in text:
+        text = _JSON_NUL.sub(r"\1\\ufffd", text)
+    return text
+
+
+async def _commit_decision(conn: Conn, rec: DecisionRecord, now: datetime) -> Committed:
+    after = rec.after
+    # The version check and the row lock in one statement: a decision committed meanwhile
+    # (by this process or another) moved the version, and this one is refused whole.
+    updated = await conn.execute(
+        "UPDATE conversations SET snapshot = $1, state = $2, closed = $3, queue = $4, "
+        "priority = $5, enqueued_at = $6, version = version + 1, updated_at = $7 "
+        "WHERE id = $8 AND version = $9",
+        _snapshot_json(after),
+        after.state,
+        after.state == "closed",
+        after.queue,
+        after.priority,
+        _ts(after.enqueued_at) if after.enqueued_at else None,
+        _ts(now),
+        after.id,
+        rec.before_version,
+    )
+    if not _rowcount(updated):
+        raise Conflict(f"conversation {after.id} changed concurrently", code="version_conflict")
+    marked = await conn.execute(
+        "UPDATE events SET status = $1 WHERE id = $2 AND status = 'pending'",
+        rec.outcome,
+        rec.event.id,
+    )
+    if not _rowcount(marked):
+        raise Conflict(f"event {rec.event.id} was already decided", code="already_decided")
+    await conn.execute(
+        "INSERT INTO decisions (event_id, conversation_id, seq, rules_version, matcher, "
+        "outcome, state_after, fired, refused, decided_at, facts) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        rec.event.id,
+        after.id,
+        rec.event.seq,
+        rec.rules_version,
+        rec.matcher,
+        rec.outcome,
+        after.state,
+        _json(rec.fired),
+        _json(rec.refused),
+        _ts(now),
+        None if rec.facts is None else _json(rec.facts, default=str),
+    )
+    outbox: list[OutboxRow] = []
+    for n, new in enumerate(rec.outbox):
+        # Claimed at once: the dispatcher takes these rows from memory after the commit.
+        row_id = await conn.fetchval(
+            "INSERT INTO outbox (conversation_id, event_id, n, destination, payload, claimed, "
+            "next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, TRUE, $6, $6) "
+            "RETURNING id",
+            after.id,
+            rec.event.id,
+            n,
+            new.destination,
+            _json(new.payload),
+            _ts(now),
+        )
+        outbox.append(OutboxRow(row_id, after.id, rec.event.id, n, new.destination, new.payload, 0))
+    for op in rec.timers:
+        if op.due_at is None:
+            await conn.execute(
+                "DELETE FROM timers WHERE conversation_id = $1 AND name = $2", after.id, op.name
+            )
+        else:
+            await conn.execute(
+                "INSERT INTO timers VALUES ($1, $2, $3, $4) ON CONFLICT (conversation_id, name) "
+                "DO UPDATE SET generation = excluded.generation, due_at = excluded.due_at",
+                after.id,
+                op.name,
+                op.generation,
+                _ts(op.due_at),
+            )
+    if after.state == "closed":
+        await conn.execute("DELETE FROM timers WHERE conversation_id = $1", after.id)
+    if rec.messages:
+        await conn.executemany(
+            "INSERT INTO messages (id, conversation_id, sender_role, sender_id, text, "
+            "visibility, created_at, content) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            [
+                (
+                    m.id,
+                    m.conversation_id,
+                    m.sender_role,
+                    m.sender_id,
+                    _text(m.text),
+                    m.visibility,
+                    _ts(m.created_at),
+                    _json(m.content) if m.content else None,
+                )
+                for m in rec.messages
+            ],
+        )
+    if rec.released_agents:
+        await conn.execute(
+            "DELETE FROM assignments WHERE agent_id = ANY($1::text[]) AND conversation_id = $2",
+            list(rec.released_agents),
+            after.id,
+        )
+    for agent_id in rec.assigned_agents:
+        await conn.execute(
+            "INSERT INTO assignments VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            agent_id,
+            after.id,
+            _ts(now),
+        )
+    accepted = [await _accept_one(conn, ev, now, allow_closed=True) for ev in rec.emitted]
+    return Committed(accepted, outbox)
+
+
+# customers ---------------------------------------------------------------------------------
+async def _create_customer(
+    conn: Conn, profile: Mapping[str, Any], identities: Sequence[Identity], now: datetime
+) -> CustomerRecord:
+    customer_id = new_id("cu")
+    fields = {f: profile.get(f) for f in PROFILE_FIELDS}
+    await conn.execute(
+        "INSERT INTO customers (id, identity_key, created_at, updated_at, known, "
+        "custom, name, email, phone, language, external_id) "
+        "VALUES ($1, $2, $3, $3, TRUE, $4, $5, $6, $7, $8, $9)",
+        customer_id,
+        f"customer:{customer_id}",  # no channel contact yet; unique placeholder
+        _ts(now),
+        _json(dict(profile.get("custom") or {})),
+        *fields.values(),
+    )
+    wanted = [Identity(k, str(fields[f])) for f, k in IDENTITY_FIELDS.items() if fields[f]]
+    for ident in dict.fromkeys([*wanted, *identities]):
+        await _add_identity(conn, customer_id, ident, now)
+    record = await _customer(conn, customer_id)
+    assert record is not None
+    return record
+
+
+async def _update_customer(
+    conn: Conn,
+    customer_id: str,
+    changes: Mapping[str, Any],
+    now: datetime,
+    expected_version: int | None,
+) -> CustomerRecord:
+    current = await _current(conn, customer_id, expected_version, lock=True)
+    fields = {f: changes[f] for f in PROFILE_FIELDS if f in changes}
+    known = current.known
+    for field_name, kind in IDENTITY_FIELDS.items():
+        if field_name not in fields or fields[field_name] == current.profile[field_name]:
+            continue
+        old, new = current.profile[field_name], fields[field_name]
+        if old is not None:
+            await conn.execute(
+                "DELETE FROM identities WHERE kind = $1 AND value = $2 AND customer_id = $3",
+                kind,
+                old,
+                customer_id,
+            )
+        if new is not None:
+            await _add_identity(conn, customer_id, Identity(kind, new), now)
+            known = True
+    custom = dict(current.custom)
+    for key, value in (changes.get("custom") or {}).items():
+        if value is None:
+            custom.pop(key, None)
+        else:
+            custom[key] = value
+    assignments = "".join(f", {f} = ${i}" for i, f in enumerate(fields, start=5))
+    await conn.execute(
+        f"UPDATE customers SET version = version + 1, updated_at = $1, known = $2, "
+        f"custom = $3{assignments} WHERE id = $4",
+        _ts(now),
+        known,
+        _json(custom),
+        customer_id,
+        *fields.values(),
+    )
+    record = await _customer(conn, customer_id)
+    assert record is not None
+    return record
+
+
+async def _upsert_by_external_id(
+    conn: Conn, changes: Mapping[str, Any], now: datetime
+) -> tuple[str, CustomerRecord]:
+    """One bulk line: ("created" | "updated" | "unchanged", the record)."""
+    customer_id = await conn.fetchval(
+        "SELECT id FROM customers WHERE external_id = $1 AND deleted_at IS NULL",
+        changes["external_id"],
+    )
+    if customer_id is None:
+        return "created", await _create_customer(conn, changes, (), now)
+    current = await _current(conn, customer_id, None, lock=True)
+    same_fields = all(current.profile[f] == changes[f] for f in PROFILE_FIELDS if f in changes)
+    custom = changes.get("custom") or {}
+    same_custom = all(
+        (k not in current.custom) if v is None else current.custom.get(k) == v
+        for k, v in custom.items()
+    )
+    if same_fields and same_custom and current.known:
+        return "unchanged", current
+    return "updated", await _update_customer(conn, current.id, changes, now, None)
+
+
+async def _customer_from_row(conn: Conn, row: Row) -> CustomerRecord:
+    idents = await conn.fetch(
+        "SELECT kind, value FROM identities WHERE customer_id = $1 "
+        "ORDER BY created_at, kind, value",
+        row["id"],
+    )
+    return CustomerRecord(
+        id=row["id"],
+        known=bool(row["known"]),
+        profile={f: row[f] for f in PROFILE_FIELDS},
+        custom=json.loads(row["custom"]),
+        identities=tuple(Identity(r[0], r[1]) for r in idents),
+        version=row["version"],
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"] if row["updated_at"] is not None else row["created_at"]),
+    )
+
+
+async def _customer(conn: Conn, customer_id: str, *, lock: bool = False) -> CustomerRecord | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM customers WHERE id = $1 AND deleted_at IS NULL"
+        + (" FOR UPDATE" if lock else ""),
+        customer_id,
+    )
+    return await _customer_from_row(conn, row) if row else None
+
+
+async def _current(
+    conn: Conn, customer_id: str, expected_version: int | None, *, lock: bool = False
+) -> CustomerRecord:
+    """The live customer (``lock``: its row held until commit, so a concurrent write of the
+    same customer waits and then sees this one's version)."""
+    record = await _customer(conn, customer_id, lock=lock)
+    if record is None:
+        raise NotFound(f"unknown customer {customer_id!r}", code="unknown_customer")
+    if expected_version is not None and record.version != expected_version:
+        raise PreconditionFailed(
+            f"customer {customer_id!r} is at version {record.version}, not {expected_version}"
+        )
+    return record
+
+
+async def _add_identity(conn: Conn, customer_id: str, identity: Identity, now: datetime) -> bool:
+    """Give the customer an identity; False if it had it already, Conflict if another has."""
+    owner = await conn.fetchval(
+        "SELECT customer_id FROM identities WHERE kind = $1 AND value = $2",
+        identity.kind,
+        identity.value,
+    )
+    if owner is not None:
+        if owner != customer_id:
+            raise Conflict(
+                f"identity {identity} belongs to another customer", code="identity_taken"
+            )
+        return False
+    if identity.kind == "external":
+        taken = await conn.fetchval(
+            "SELECT 1 FROM customers WHERE external_id = $1 AND id <> $2",
+            identity.value,
+            customer_id,
+        )
+        if taken:
+            raise Conflict(
+                f"external id {identity.value!r} belongs to another customer",
+                code="identity_taken",
+            )
+    await conn.execute(
+        "INSERT INTO identities (kind, value, customer_id, created_at) VALUES ($1, $2, $3, $4)",
+        identity.kind,
+        identity.value,
+        customer_id,
+        _ts(now),
+    )
+    return True
+
+
+async def _rewrite_json(
+    conn: Conn,
+    table: str,
+    key: str,
+    column: str,
+    conversation_ids: list[str],
+    secrets: Sequence[str],
+    marker: str,
+) -> None:
+    rows = await conn.fetch(
+        f"SELECT {key}, {column} FROM {table} WHERE conversation_id = ANY($1::text[]) "
+        f"AND {column} IS NOT NULL",
+        conversation_ids,
+    )
+    changed = []
+    for row_key, raw in rows:
+        value = json.loads(raw)
+        redacted = _redact(value, secrets, marker)
+        if redacted != value:
+            changed.append((_json(redacted, default=str), row_key))
+    if changed:
+        await conn.executemany(f"UPDATE {table} SET {column} = $1 WHERE {key} = $2", changed)
+
+
+async def _erase(conn: Conn, customer_id: str, now: datetime, marker: str) -> int:
+    """Erasure in one transaction (see ``Store.erase_customer``)."""
+    row = await conn.fetchrow("SELECT * FROM customers WHERE id = $1 FOR UPDATE", customer_id)
+    # A deleted customer's tombstone can still be erased (its message history stays on
+    # delete); an erased or merged-away one is gone.
+    if row is None or row["identity_key"].startswith(("erased:", "merged:")):
+        raise NotFound(f"unknown customer {customer_id!r}", code="unknown_customer")
+    conversations = await conn.fetch(
+        "SELECT id, identity, snapshot FROM conversations WHERE customer_id = $1 "
+        "ORDER BY id FOR UPDATE",
+        customer_id,
+    )
+    idents = await conn.fetch("SELECT value FROM identities WHERE customer_id = $1", customer_id)
+    values: set[str] = {r[0] for r in idents}
+    values.update(str(row[f]) for f in PROFILE_FIELDS if f != "language" and row[f])
+    values.update(v for v in json.loads(row["custom"]).values() if isinstance(v, str))
+    for conv in conversations:
+        values.add(conv["identity"])
+    for value in list(values):  # the E.164 number and the WhatsApp wa_id digits
+        if value.startswith("+"):
+            values.add(value[1:])
+    secrets = sorted((v for v in values if len(v) >= 3), key=len, reverse=True)
+    ids = [c["id"] for c in conversations]
+    if ids:
+        await conn.execute(
+            "UPDATE messages SET text = $1 WHERE conversation_id = ANY($2::text[])",
+            _text(marker),
+            ids,
+        )
+        for table, key, column in (
+            ("events", "id", "data"),
+            ("decisions", "event_id", "facts"),
+            ("outbox", "id", "payload"),
+        ):
+            await _rewrite_json(conn, table, key, column, ids, secrets, marker)
+        await conn.execute(
+            "UPDATE outbox SET last_error = NULL WHERE conversation_id = ANY($1::text[])", ids
+        )
+    for conv in conversations:
+        # The conversation no longer answers to the person's channel id: whoever writes from
+        # it again starts a new conversation with a new anonymous customer.
+        identity = f"erased:{conv['id']}"
+        data = _redact(json.loads(conv["snapshot"]), secrets, marker)
+        data["identity"] = identity
+        await conn.execute(
+            "UPDATE conversations SET identity = $1, snapshot = $2, version = version + 1 "
+            "WHERE id = $3",
+            identity,
+            _json(data),
+            conv["id"],
+        )
+    await conn.execute("DELETE FROM identities WHERE customer_id = $1", customer_id)
+    await conn.execute(
+        "DELETE FROM idempotency_keys WHERE strpos(response::text, $1) > 0",
+        f'"id": "{customer_id}"',
+    )
+    merges = await conn.fetchval(
+        "SELECT 1 FROM customer_merges WHERE from_id = $1 OR into_id = $1", customer_id
+    )
+    if not conversations and not merges:
+        await conn.execute("DELETE FROM customers WHERE id = $1", customer_id)
+        return int(row["version"]) + 1
+    await conn.execute(
+        "UPDATE customers SET identity_key = $1, name = NULL, email = NULL, phone = NULL, "
+        "language = NULL, external_id = NULL, custom = '{}', known = FALSE, "
+        "version = version + 1, updated_at = $2, deleted_at = $2 WHERE id = $3",
+        f"erased:{customer_id}",
+        _ts(now),
+        customer_id,
+    )
+    return int(row["version"]) + 1
+
+
+async def _replay(conn: Conn, key: IdempotencyKey | None) -> Replay | None:
+    if key is None:
+        return None
+    row = await conn.fetchrow(
+        "SELECT request_hash, status, response FROM idempotency_keys WHERE scope = $1 AND key = $2",
+        key.scope,
+        key.key,
+    )
+    if row is None:
+        return None
+    if row[0] != key.request_hash:
+        raise RequestError(
+            "this idempotency key was used with a different request",
+            code="idempotency_key_reused",
+            status=422,
+        )
+    return Replay(row[1], json.loads(row[2]))
+
+
+async def _remember(
+    conn: Conn, key: IdempotencyKey | None, status: int, body: dict[str, Any], now: datetime
+) -> None:
+    # A concurrent request with the same key violates the primary key: the transaction runs
+    # again and answers with the first one's response.
+    if key is not None:
+        await conn.execute(
+            "INSERT INTO idempotency_keys VALUES ($1, $2, $3, $4, $5, $6)",
+            key.scope,
+            key.key,
+            key.request_hash,
+            status,
+            _json(body),
+            _ts(now),
+        )
+
+
+__all__ = ["PostgresStore", "redact_url"]
