@@ -3,14 +3,18 @@
 One instance serves one Meta app (one app secret, one verify token) and any number of Pages,
 each with its own Page access token. A conversation is (instance, page_id, PSID), so the same
 person writing to two Pages has two conversations and every reply goes out with the token of
-the Page the conversation runs on. Wire facts: ``protocols/messenger.md``.
+the Page the conversation runs on. After each delivery is committed, its customers are marked
+seen (and, if enabled, shown typing) with sender actions, in the background. Wire facts:
+``protocols/messenger.md``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -36,6 +40,7 @@ from connectors.meta import (
     unknown_endpoint,
 )
 from controller.errors import ChannelSendError
+from controller.metrics import Metrics
 from controller.models import NewEvent
 
 log = structlog.get_logger(__name__)
@@ -79,6 +84,10 @@ class MessengerSettings(MetaAppSettings):
     pages: list[MessengerPage] = Field(min_length=1)
     # Outside 24 h, agents' messages go out tagged HUMAN_AGENT (needs Meta's permission).
     human_agent_tag_enabled: bool = True
+    # After a delivery is committed, mark each customer's messages seen (sender action).
+    mark_seen: bool = True
+    # Right after it, show the typing bubble (until our next message or Messenger's timeout).
+    typing_indicator: bool = False
 
     @model_validator(mode="after")
     def _unique_pages(self) -> MessengerSettings:
@@ -183,6 +192,24 @@ class MessengerChannel(MetaChannel[_Item]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pages = {p.page_id: p for p in self.settings.pages}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Outcomes of background work: seen_sent / seen_failed, typing_sent / typing_failed.
+        self.stats: Counter[str] = Counter()
+
+    async def stop(self) -> None:
+        """Give background sender actions a moment, then cancel what is left."""
+        tasks = list(self._tasks)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=5.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Wait until no background work is running (tests, benchmarks)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # inbound ---------------------------------------------------------------------------
     def _items(self, entries: list[dict[str, Any]]) -> list[_Item]:
@@ -335,6 +362,67 @@ class MessengerChannel(MetaChannel[_Item]):
         }
         key = f"{item.page_id}:{psid}:{kind}:{mark.watermark}"
         return self._delivery_status(key, conversation_id, data)
+
+    # after the commit: sender actions, in the background ---------------------------------
+    def _after_commit(self, events: Sequence[NewEvent]) -> None:
+        """Once per customer of the delivery: ``mark_seen`` (marks everything they sent read),
+        then ``typing_on`` when enabled. Only for what a customer wrote or tapped (messages,
+        postbacks), not for reactions, referrals or handover events."""
+        actions = [
+            action
+            for action, on in (
+                ("mark_seen", self.settings.mark_seen),
+                ("typing_on", self.settings.typing_indicator),
+            )
+            if on
+        ]
+        if not actions:
+            return
+        customers: dict[tuple[str, str], None] = {}
+        for ev in events:
+            if ev.type != "customer.message" or ev.endpoint is None or ev.identity is None:
+                continue
+            if "mid" in ev.data or ev.data.get("kind") == "postback":
+                customers[(ev.endpoint, ev.identity)] = None
+        for page_id, psid in customers:
+            self._spawn(self._sender_actions(page_id, psid, actions))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count(self, what: str) -> None:
+        self.stats[what] += 1
+        metrics = self.context.service.get("metrics")
+        if isinstance(metrics, Metrics):
+            metrics.channel_background.labels(self.channel, what).inc()
+
+    async def _sender_actions(self, page_id: str, psid: str, actions: list[str]) -> None:
+        """Send the sender actions in order, each alone in its body; a failure is logged and
+        counted, never retried (the next delivery sends them again)."""
+        page = self._pages.get(page_id)
+        if page is None:  # the Page left the settings in between
+            return
+        url = f"{self.settings.graph_url}/me/messages"
+        for action in actions:
+            outcome = "seen" if action == "mark_seen" else "typing"
+            body = {"recipient": {"id": psid}, "sender_action": action}
+            try:
+                await self._graph_call(
+                    "POST", url, params={"access_token": page.access_token}, json_body=body
+                )
+            except ChannelSendError as exc:
+                self._count(f"{outcome}_failed")
+                log.warning(
+                    "messenger_sender_action_failed",
+                    instance=self.name,
+                    page_id=page_id,
+                    action=action,
+                    error=str(exc)[:300],
+                )
+                continue
+            self._count(f"{outcome}_sent")
 
     # outbound --------------------------------------------------------------------------
     async def send(self, message: OutboundMessage) -> str | None:

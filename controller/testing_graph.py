@@ -7,7 +7,8 @@ serves media (info + bytes), checks what Graph checks (Bearer token of the numbe
 ``link``/``id``, reply buttons, list messages, interactive headers) and can be scripted to fail.
 For Messenger it answers ``POST /{version}/me/messages`` (Page token in the ``access_token``
 query parameter, ``recipient.id``, ``messaging_type`` / ``tag``, exactly one of ``message`` /
-``sender_action``, text length, attachments by URL, quick replies) with a fresh ``mid``.
+``sender_action``, text length, attachments by URL, quick replies) with a fresh ``mid``, and
+sender actions (``mark_seen``, ``typing_on``, ``typing_off``, alone) with the ``recipient_id``.
 ``MetaSender`` (alias ``WhatsAppSender``, ``MessengerSender``) signs webhook bodies with the app
 secret and POSTs them; the builders below make WhatsApp and Messenger payloads.
 Everything waits on conditions, never on fixed sleeps.
@@ -21,7 +22,7 @@ import hmac
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,9 +68,30 @@ class GraphRequest:
 
     @property
     def is_send(self) -> bool:
-        """A message sent (not a read receipt)."""
+        """A message sent (not a read receipt, not a sender action)."""
         parts = self.path.strip("/").split("/")
-        return len(parts) == 3 and parts[2] == "messages" and not self.is_read_receipt
+        return (
+            len(parts) == 3
+            and parts[2] == "messages"
+            and not self.is_read_receipt
+            and not self.is_sender_action
+        )
+
+    @property
+    def is_sender_action(self) -> bool:
+        """A Messenger ``{"recipient", "sender_action"}`` call on ``/me/messages``."""
+        parts = self.path.strip("/").split("/")
+        return (
+            len(parts) == 3
+            and parts[2] == "messages"
+            and isinstance(self.json, dict)
+            and "sender_action" in self.json
+        )
+
+    @property
+    def sender_action(self) -> str | None:
+        """The sender action of that call (``mark_seen``, ``typing_on``…), else None."""
+        return str(self.json["sender_action"]) if self.is_sender_action else None
 
     @property
     def is_read_receipt(self) -> bool:
@@ -134,10 +156,21 @@ class FakeGraph:
     base_url: str = ""
     # Answer the next ``fail_reads`` read receipts with a 500 (scripted failures skip them).
     fail_reads: int = 0
+    # Messenger: answer the next ``fail_sender_actions`` sender actions with a 500 (code 2;
+    # scripted failures skip them). ``before_sender_action`` is awaited with each valid one's
+    # body before it is answered (to look at the service then, or to hold the answer).
+    fail_sender_actions: int = 0
+    before_sender_action: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
     def reads(self) -> list[GraphRequest]:
         """Read receipts the fake accepted, in order."""
         return [r for r in self.requests if r.is_read_receipt and r.status == 200]
+
+    def sender_actions(self, *, accepted: bool = True) -> list[GraphRequest]:
+        """Messenger sender actions, in order: those the fake accepted (200), or all."""
+        return [
+            r for r in self.requests if r.is_sender_action and (r.status == 200 or not accepted)
+        ]
 
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
@@ -326,13 +359,29 @@ class FakeGraph:
             return await self._answer(request, body, 401, _page_error(190, auth))
         if (problem := _invalid_page_send(body)) is not None:
             return await self._answer(request, body, 400, _page_error(100, problem), page)
+        if "sender_action" in body:
+            return await self._sender_action(request, body, page)
         if (failure := self._scripted(page, body)) is not None:
             payload = _page_error(failure.code, failure.message, failure.subcode)
             return await self._answer(request, body, failure.status, payload, page)
-        answer = {"recipient_id": body["recipient"]["id"]}
-        if "message" in body:
-            answer["message_id"] = f"m_FAKE{next(self._ids):06d}"
+        answer = {
+            "recipient_id": body["recipient"]["id"],
+            "message_id": f"m_FAKE{next(self._ids):06d}",
+        }
         return await self._answer(request, body, 200, answer, page)
+
+    async def _sender_action(
+        self, request: web.Request, body: dict[str, Any], page: str
+    ) -> web.Response:
+        """A valid sender action: ``before_sender_action``, then a scripted 500 or 200."""
+        if self.before_sender_action is not None:
+            await self.before_sender_action(body)
+        if self.fail_sender_actions > 0:
+            self.fail_sender_actions -= 1
+            return await self._answer(request, body, 500, _page_error(2, "scripted failure"), page)
+        return await self._answer(
+            request, body, 200, {"recipient_id": body["recipient"]["id"]}, page
+        )
 
     async def _media_info(self, request: web.Request) -> web.Response:
         media_id = request.match_info["media_id"]
@@ -403,7 +452,9 @@ def _invalid_page_send(body: Any) -> str | None:
     if ("message" in body) == ("sender_action" in body):
         return "exactly one of message and sender_action"
     if "sender_action" in body:
-        return None if body["sender_action"] in SENDER_ACTIONS else "unknown sender_action"
+        if body["sender_action"] in SENDER_ACTIONS:
+            return None
+        return "sender_action must be typing_on, typing_off or mark_seen"
     if body.get("messaging_type") not in MESSAGING_TYPES:
         return "messaging_type must be RESPONSE, UPDATE or MESSAGE_TAG"
     if (body["messaging_type"] == "MESSAGE_TAG") != ("tag" in body):

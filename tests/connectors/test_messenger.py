@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import structlog
 
 from connectors.base import OutboundMessage
 from connectors.messenger import MessengerChannel
@@ -53,12 +54,17 @@ def messenger_settings(graph: FakeGraph, **overrides: Any) -> dict[str, Any]:
     }
 
 
-async def start(make_service: Callable[..., Any], graph: FakeGraph, **kw: Any) -> Setup:
+async def start(
+    make_service: Callable[..., Any],
+    graph: FakeGraph,
+    settings: dict[str, Any] | None = None,
+    **kw: Any,
+) -> Setup:
     # The fake is set up first so it is torn down last: the service stops before it.
     svc: Service = await make_service(
         connectors=[
             ConnectorInstance(
-                name="messenger", type="messenger", settings=messenger_settings(graph)
+                name="messenger", type="messenger", settings=settings or messenger_settings(graph)
             ),
             ConnectorInstance(name="demo", type="demo_bot"),
         ],
@@ -275,7 +281,7 @@ async def test_rate_limited_and_5xx_sends_are_retried(ms: Setup) -> None:
     await sender.post(page_envelope((PAGE_A, [messenger_text(USER, PAGE_A, "hi", "m_R")])))
     [sent] = await graph.wait_sent(1)
     await svc.settle()
-    assert [r.status for r in graph.requests] == [400, 500, 200]
+    assert [r.status for r in graph.requests if r.is_send] == [400, 500, 200]
     assert len(graph.sent()) == 1 and sent.json["recipient"]["id"] == USER
     assert await svc.store.outbox_rows("dead") == []
 
@@ -638,3 +644,166 @@ async def test_delivery_and_read_carry_our_message_id(ms: Setup) -> None:
         ("delivered", reply.id),
     ]
     assert found[0].data["message_ids"] == [reply.id]
+
+
+# sender actions ----------------------------------------------------------------------------------
+async def test_mark_seen_once_per_customer_after_the_commit(ms: Setup) -> None:
+    """Two messages of one customer in a delivery: one ``mark_seen``, sent once both are stored,
+    without holding the webhook's 200."""
+    svc, sender, graph = ms
+    other = "6543210987650000"
+    release = asyncio.Event()
+    stored_when_seen: dict[str, list[str]] = {}
+
+    async def look_then_hold(body: dict[str, Any]) -> None:
+        psid = body["recipient"]["id"]
+        cid = await conversation_of(svc, psid)
+        stored = await events_of(svc, cid, "customer.message")
+        stored_when_seen[psid] = [e.dedupe_key for e in stored]
+        await release.wait()
+
+    graph.before_sender_action = look_then_hold
+    payload = page_envelope(
+        (
+            PAGE_A,
+            [
+                messenger_text(USER, PAGE_A, "one", "m_MS1"),
+                messenger_text(other, PAGE_A, "uno", "m_MS2"),
+                messenger_echo(USER, PAGE_A, "our reply", "m_MS_ECHO"),
+                messenger_text(USER, PAGE_A, "two", "m_MS3"),
+            ],
+        )
+    )
+    async with asyncio.timeout(10):  # a webhook waiting on the sender actions would hang here
+        code, body = await sender.post(payload)
+    assert code == 200 and body["events"] == 3
+    assert graph.sender_actions(accepted=False) == []  # still held: the 200 did not wait
+    release.set()
+    channel = channel_of(svc)
+    await channel.idle()
+    seen = graph.sender_actions()
+    assert sorted(r.json["recipient"]["id"] for r in seen) == sorted([USER, other])
+    assert all(
+        r.json == {"recipient": r.json["recipient"], "sender_action": "mark_seen"} for r in seen
+    )
+    assert all(r.path == f"/{graph.version}/me/messages" for r in seen)
+    assert {(r.page_id, r.access_token) for r in seen} == {(PAGE_A, TOKENS[PAGE_A])}
+    assert stored_when_seen == {USER: ["m_MS1", "m_MS3"], other: ["m_MS2"]}
+    assert channel.stats["seen_sent"] == 2
+    # Sender actions are not sends: the bot's answers are what ``sent()`` counts.
+    await graph.wait_sent(2)
+    assert all("message" in r.json for r in graph.sent())
+    # A redelivery is marked seen again (at least once); nothing new is stored.
+    assert (await sender.post(payload))[1]["events"] == 0
+    await channel.idle()
+    assert len(graph.sender_actions()) == 4
+
+
+async def test_only_what_the_customer_wrote_or_tapped_is_marked_seen(ms: Setup) -> None:
+    svc, sender, graph = ms
+    channel = channel_of(svc)
+    await sender.post(page_envelope((PAGE_A, [messenger_text(USER, PAGE_A, "hi", "m_OS1")])))
+    await channel.idle()
+    assert len(graph.sender_actions()) == 1
+    react = {"reaction": "like", "emoji": "👍", "action": "react", "mid": "m_FAKE000001"}
+    items = [
+        messaging_item(USER, PAGE_A, delivery={"watermark": 1000}),
+        messaging_item(USER, PAGE_A, read={"watermark": 1000}),
+        messaging_item(USER, PAGE_A, reaction=react),
+        messaging_item(USER, PAGE_A, referral={"ref": "ad7", "source": "ADS", "type": "OPEN"}),
+        messenger_echo(USER, PAGE_A, "our reply", "m_OS_ECHO"),
+    ]
+    code, body = await sender.post(page_envelope((PAGE_A, items)))
+    assert code == 200 and body["events"] == 4
+    await channel.idle()
+    assert len(graph.sender_actions()) == 1
+    tap = {"title": "Track order", "payload": "TRACK"}  # a postback without a mid
+    await sender.post(page_envelope((PAGE_A, [messaging_item(USER, PAGE_A, postback=tap)])))
+    await channel.idle()
+    assert [r.sender_action for r in graph.sender_actions()] == ["mark_seen", "mark_seen"]
+
+
+@pytest.mark.parametrize(
+    ("mark_seen", "typing", "expected"),
+    [
+        (True, True, ["mark_seen", "typing_on"]),
+        (False, True, ["typing_on"]),
+        (False, False, []),
+    ],
+    ids=["seen_and_typing", "typing_only", "off"],
+)
+async def test_sender_action_settings(
+    graph: FakeGraph,
+    make_service: Callable[..., Any],
+    mark_seen: bool,
+    typing: bool,
+    expected: list[str],
+) -> None:
+    settings = messenger_settings(graph, mark_seen=mark_seen, typing_indicator=typing)
+    svc, sender, _ = await start(make_service, graph, settings)
+    await sender.post(page_envelope((PAGE_B, [messenger_text(USER, PAGE_B, "hi", "m_SS")])))
+    await graph.wait_sent(1)
+    await channel_of(svc).idle()
+    actions = graph.sender_actions(accepted=False)
+    assert [r.sender_action for r in actions] == expected  # in this order, one call each
+    assert all(r.json["recipient"] == {"id": USER} and r.page_id == PAGE_B for r in actions)
+    assert all(r.access_token == TOKENS[PAGE_B] and r.status == 200 for r in actions)
+
+
+async def test_failing_sender_action_is_logged_not_retried(
+    graph: FakeGraph, make_service: Callable[..., Any]
+) -> None:
+    settings = messenger_settings(graph, typing_indicator=True)
+    svc, sender, _ = await start(make_service, graph, settings)
+    channel = channel_of(svc)
+    graph.fail_sender_actions = 1
+    with structlog.testing.capture_logs() as logs:
+        code, body = await sender.post(
+            page_envelope((PAGE_A, [messenger_text(USER, PAGE_A, "hi", "m_SF")]))
+        )
+        await channel.idle()
+    assert code == 200 and body == {"ok": True, "events": 1}
+    cid = await conversation_of(svc)
+    assert [e.dedupe_key for e in await events_of(svc, cid, "customer.message")] == ["m_SF"]
+    # mark_seen failed once and was not tried again; typing_on still went.
+    actions = graph.sender_actions(accepted=False)
+    assert [(r.sender_action, r.status) for r in actions] == [
+        ("mark_seen", 500),
+        ("typing_on", 200),
+    ]
+    [failed] = [e for e in logs if e["event"] == "messenger_sender_action_failed"]
+    assert failed["action"] == "mark_seen" and failed["page_id"] == PAGE_A
+    assert "provider_error" in failed["error"] and TOKENS[PAGE_A] not in failed["error"]
+    assert (channel.stats["seen_failed"], channel.stats["typing_sent"]) == (1, 1)
+    await graph.wait_sent(1)  # the conversation goes on
+    await svc.settle()
+    assert await svc.store.outbox_rows("dead") == []
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"recipient": {"id": USER}, "sender_action": "mark_seen"}, None),
+        ({"recipient": {"id": USER}, "sender_action": "typing_off"}, None),
+        ({"recipient": {"id": USER}, "sender_action": "dance"}, "sender_action must be"),
+        ({"sender_action": "mark_seen"}, "recipient.id is required"),
+        (
+            {"recipient": {"id": USER}, "sender_action": "typing_on", "message": {"text": "x"}},
+            "exactly one of message and sender_action",
+        ),
+    ],
+)
+async def test_fake_graph_checks_sender_actions(
+    ms: Setup, body: dict[str, Any], problem: str | None
+) -> None:
+    svc, _, graph = ms
+    assert svc.http is not None
+    url = f"{graph.base_url}/{graph.version}/me/messages"
+    async with svc.http.post(url, params={"access_token": TOKENS[PAGE_A]}, json=body) as resp:
+        status, answer = resp.status, await resp.json()
+    if problem is None:
+        assert (status, answer) == (200, {"recipient_id": USER})
+        assert graph.sender_actions()[-1].json == body and graph.sent() == []
+    else:
+        assert status == 400 and problem in answer["error"]["message"]
+        assert answer["error"]["code"] == 100
