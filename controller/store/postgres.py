@@ -73,7 +73,7 @@ from controller.store.base import (
     TimerRow,
     channel_identity,
 )
-from controller.store.sqlite import _redact  # erasure rewrites values alike on both
+from controller.store.sqlite import _profile_name, _redact  # the same rules on both stores
 
 log = structlog.get_logger(__name__)
 
@@ -1550,11 +1550,13 @@ async def _open_conversation(conn: Conn, ev: NewEvent, now: datetime) -> str:
         # A concurrent first contact of the same identity makes this insert (or the
         # conversation's below) violate a unique index: the transaction runs again and finds
         # that customer and conversation.
+        # Anonymous, with the name the channel gives (a WhatsApp profile name), if any.
         await conn.execute(
-            "INSERT INTO customers (id, identity_key, created_at, updated_at) "
-            "VALUES ($1, $2, $3, $3)",
+            "INSERT INTO customers (id, identity_key, name, created_at, updated_at) "
+            "VALUES ($1, $2, $3, $4, $4)",
             customer_id,
             identity_key,
+            _profile_name(ev),
             _ts(now),
         )
         await conn.execute(

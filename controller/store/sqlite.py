@@ -1458,6 +1458,12 @@ def _insert_event(
     return Accepted(event_id, conversation_id, seq, duplicate=False)
 
 
+def _profile_name(ev: NewEvent) -> str | None:
+    """The display name a channel sends with a first message (at most 256 characters)."""
+    name = ev.data.get("profile_name")
+    return name.strip()[:256] or None if isinstance(name, str) else None
+
+
 def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) -> str:
     assert ev.instance and ev.endpoint and ev.identity and ev.channel
     identity_key = f"{ev.instance}:{ev.endpoint}:{ev.identity}"
@@ -1474,9 +1480,11 @@ def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) ->
     )
     if row is None:
         customer_id = new_id("cu")
+        # Anonymous, with the name the channel gives (a WhatsApp profile name), if any.
         conn.execute(
-            "INSERT INTO customers (id, identity_key, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            (customer_id, identity_key, _ts(now), _ts(now)),
+            "INSERT INTO customers (id, identity_key, name, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (customer_id, identity_key, _profile_name(ev), _ts(now), _ts(now)),
         )
         conn.execute(
             "INSERT OR IGNORE INTO identities (kind, value, customer_id, created_at) "

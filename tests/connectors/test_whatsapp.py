@@ -177,6 +177,11 @@ async def test_text_message_opens_conversation_and_bot_answers(
     assert ev.dedupe_key == "wamid.IN1"
     assert ev.data["profile_name"] == "Ana"
     assert ev.data["wa_id"] == USER and ev.data["phone_number_id"] == NUMBER_A
+    # The sender is a customer with this channel identity, anonymous, named as WhatsApp says.
+    customer = await svc.store.customer(conv.customer_id)
+    assert customer is not None and not customer.known
+    assert customer.profile["name"] == "Ana"
+    assert [(i.kind, i.value) for i in customer.identities] == [("whatsapp", "+" + USER)]
 
     [sent] = await graph.wait_sent(1)
     assert sent.path == f"/{graph.version}/{NUMBER_A}/messages"
