@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.clock import ManualClock
-from controller.testing import Service, rules_with_assisting_bot
+from controller.models import Conversation
+from controller.testing import Service, WebChatClient, rules_with_assisting_bot
 from tests.web.conftest import Pages
 
 
@@ -128,7 +129,7 @@ async def test_desk_sends_and_edits_suggestions_and_wraps_up(
     await desk.locator("#convs button").first.click()  # selecting looks at the state again
     await desk.locator("#state", has_text="wrap_up").wait_for()
     await desk.get_by_label("Disposition").select_option("solved")
-    await desk.get_by_role("button", name="Close").click()
+    await desk.get_by_role("button", name="Finish wrap-up").click()
     await desk.locator("#status", has_text="Closed conversation").wait_for()
     await service.until(conversation_id, lambda c: c.state == "closed")
     done = [
@@ -137,3 +138,157 @@ async def test_desk_sends_and_edits_suggestions_and_wraps_up(
         if ev.type == "agent.wrap_up_done"
     ]
     assert [d["disposition"] for d in done] == ["solved"]
+
+
+async def _customer_in_queue(service: Service) -> tuple[WebChatClient, str]:
+    """A web chat customer who asked for a person: the conversation waits in ``support``."""
+    customer = await service.customer()
+    ack = await customer.say("agent please")
+    assert ack["type"] == "ack", ack
+    await customer.wait_message("controller", "in the queue")
+    return customer, str(ack["conversation_id"])
+
+
+def _agents(conv: Conversation) -> list[tuple[str, bool]]:
+    return [(p.id, p.primary) for p in conv.participants if p.role == "agent"]
+
+
+async def test_conference_invite_whisper_and_the_invited_agent_serves_on(
+    service: Service, pages: Pages
+) -> None:
+    alice_token = await _agent_token(service, "alice")
+    bob_token = await _agent_token(service, "bob")
+    customer, cid = await _customer_in_queue(service)
+    alice = await pages.new("alice")
+    bob = await pages.new("bob")
+
+    await _sign_in(alice, service, alice_token)
+    await _accept_and_reply(alice, "Hello, Alice here")
+    await customer.wait_message("agent", "Alice here")
+    await _sign_in(bob, service, bob_token)  # after Alice took it: nothing is offered to Bob
+
+    # An unknown agent is refused; the page says why in its status line.
+    await alice.get_by_label("Invite agent").fill("zed")
+    await alice.get_by_role("button", name="Invite").click()
+    await alice.locator("#status", has_text="unknown_agent").wait_for()
+
+    await alice.get_by_label("Invite agent").fill("bob")
+    await alice.get_by_label("Invite agent").press("Enter")
+    await service.until(cid, lambda c: _agents(c) == [("alice", True), ("bob", False)])
+    # The system frame brings the conversation onto Bob's desk, history included.
+    await bob.locator(f'#convs button[data-conversation="{cid}"]').wait_for()
+    await bob.locator("#transcript li.system", has_text="alice invited bob").wait_for()
+    await bob.locator("#transcript li.agent", has_text="Hello, Alice here").wait_for()
+    await bob.locator("#agents", has_text="alice (serving), bob").wait_for()
+
+    # A whisper: both desks show it as such, the customer never gets it.
+    await alice.get_by_label("Reply").fill("VIP customer, be nice")
+    await alice.get_by_role("button", name="Whisper to agents").click()
+    await bob.locator("#transcript li.whisper", has_text="VIP customer, be nice").wait_for()
+    await bob.locator("#transcript li.whisper", has_text="Whisper from Agent alice").wait_for()
+    mine = alice.locator("#transcript li.whisper:not(.pending)", has_text="VIP customer")
+    await mine.wait_for()
+    assert await alice.locator("#transcript li.whisper").count() == 1  # not twice
+
+    await bob.get_by_label("Reply").fill("Bob here, I can help with billing")
+    await bob.get_by_label("Reply").press("Enter")
+    await customer.wait_message("agent", "Bob here")
+    await alice.locator("#transcript li.agent", has_text="Bob here").wait_for()
+    await service.settle()
+    assert not [t for t in customer.texts() if "VIP" in t]
+
+    # Alice leaves: the conversation leaves her desk; Bob serves on, nobody is re-routed.
+    await alice.get_by_role("button", name="Leave").click()
+    await alice.locator("#status", has_text="You left conversation").wait_for()
+    assert await alice.locator("#convs li").count() == 0
+    conv = await service.until(cid, lambda c: c.find("agent", "alice") is None)
+    assert conv.state == "agent" and _agents(conv) == [("bob", True)]
+    assert (await customer.say("are you still there?"))["type"] == "ack"
+    await bob.locator("#transcript li.customer", has_text="still there").wait_for()
+    await bob.get_by_label("Reply").fill("Yes, still here")
+    await bob.get_by_label("Reply").press("Enter")
+    await customer.wait_message("agent", "Yes, still here")
+    assert not [t for t in customer.texts() if "VIP" in t]
+
+
+async def test_transfer_to_a_queue_from_the_desk(service: Service, pages: Pages) -> None:
+    alice_token = await _agent_token(service, "alice")
+    bob_token = await _agent_token(service, "bob")
+    customer, cid = await _customer_in_queue(service)
+    alice = await pages.new("alice")
+    bob = await pages.new("bob")
+
+    await _sign_in(alice, service, alice_token)
+    await _accept_and_reply(alice, "Alice here, let me pass you on")
+    await _sign_in(bob, service, bob_token)
+
+    await alice.get_by_label("Transfer to").select_option("queue")
+    await alice.get_by_label("Queue name").fill("support")
+    await alice.get_by_role("button", name="Transfer", exact=True).click()
+    await alice.locator(
+        "#status", has_text=f"Transferred conversation {cid} to queue support"
+    ).wait_for()
+    assert await alice.locator("#convs li").count() == 0
+
+    # The router offers it to Bob (Alice, who just left it, is not offered it again).
+    await bob.get_by_role("button", name=f"Accept conversation {cid}").click()
+    await bob.locator("#transcript li.agent", has_text="Alice here").wait_for()
+    await bob.get_by_label("Reply").fill("Bob from support")
+    await bob.get_by_label("Reply").press("Enter")
+    await customer.wait_message("agent", "Bob from support")
+    conv = await service.until(cid, lambda c: _agents(c) == [("bob", True)])
+    assert conv.state == "agent" and conv.queue == "support"
+    assert await alice.locator("#convs li").count() == 0
+
+
+async def test_transfer_to_an_agent_from_the_desk(service: Service, pages: Pages) -> None:
+    alice_token = await _agent_token(service, "alice")
+    bob_token = await _agent_token(service, "bob")
+    customer, cid = await _customer_in_queue(service)
+    alice = await pages.new("alice")
+    bob = await pages.new("bob")
+
+    await _sign_in(alice, service, alice_token)
+    await _accept_and_reply(alice, "Alice here")
+    await _sign_in(bob, service, bob_token)
+
+    await alice.get_by_label("Transfer to").select_option("agent")
+    await alice.get_by_label("Agent id").fill("bob")
+    await alice.get_by_label("Agent id").press("Enter")
+    await alice.locator(
+        "#status", has_text=f"Transferred conversation {cid} to agent bob"
+    ).wait_for()
+    assert await alice.locator("#convs li").count() == 0
+    await service.until(cid, lambda c: _agents(c) == [("bob", True)])
+
+    # The next frame of the conversation brings it onto Bob's desk.
+    assert (await customer.say("hello?"))["type"] == "ack"
+    await bob.locator("#transcript li.customer", has_text="hello?").wait_for()
+    await bob.get_by_label("Reply").fill("Bob now")
+    await bob.get_by_label("Reply").press("Enter")
+    await customer.wait_message("agent", "Bob now")
+
+
+async def test_close_and_wrap_up_from_the_desk(service: Service, pages: Pages) -> None:
+    token = await _agent_token(service, "alice")
+    customer, cid = await _customer_in_queue(service)
+    desk = await pages.new("alice")
+    await _sign_in(desk, service, token)
+    await _accept_and_reply(desk, "Hi, anything else?")
+    await customer.wait_message("agent", "anything else")
+
+    finish = desk.get_by_role("button", name="Finish wrap-up")
+    assert await finish.is_disabled()  # no wrap-up before the conversation is closed
+    await desk.get_by_role("button", name="Close conversation").click()
+    await desk.locator("#state", has_text="wrap_up").wait_for()
+    await desk.locator("#status", has_text="choose a disposition").wait_for()
+    assert await desk.get_by_label("Reply").is_disabled()
+    await service.until(cid, lambda c: c.state == "wrap_up")
+
+    await desk.get_by_label("Disposition").select_option("follow_up")
+    await finish.click()
+    await desk.locator("#status", has_text=f"Closed conversation {cid} (follow_up)").wait_for()
+    assert await desk.locator("#convs li").count() == 0
+    conv = await service.until(cid, lambda c: c.state == "closed")
+    assert conv.attributes["disposition"] == "follow_up"
+    assert conv.close_reason == "agent_closed"
