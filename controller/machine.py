@@ -315,6 +315,9 @@ class Decider:
             if conv.find("agent", agent_id) is None:
                 raise Refused(f"agent {agent_id} is not in the conversation")
             self._apply_action(w, Close(reason=str(data.get("reason") or "agent_closed")))
+            if conv.state == "wrap_up":
+                note = f"{agent_id} closed the conversation: wrap-up"
+                self._to_agents(w, "system", "controller", "controller", note, message_id=None)
         elif kind == "agent.invited":
             inviter, invited = str(data.get("agent_id")), str(data.get("to_agent"))
             if conv.find("agent", inviter) is None:
@@ -441,6 +444,8 @@ class Decider:
             self._remove(w, "agent", agent_id, emit=True, reason="transferred")
             self._add_agent(w, str(to_agent), primary=True)
             w.assigned.add(str(to_agent))
+            note = f"{agent_id} transferred the conversation to {to_agent}"
+            self._to_agents(w, "system", "controller", "controller", note, message_id=None)
         w.route_or_close = True
 
     def _after_close(self, w: _Work) -> None:
