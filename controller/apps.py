@@ -52,6 +52,14 @@ WRITE_SCOPE = "conversations:write"
 DESTINATION_PREFIX = "app"
 # what a webhook answered that says trying again can help
 _RETRYABLE_STATUSES = frozenset({408, 425, 429})
+RETRY_AFTER_MAX = 3600.0  # an app cannot park its deliveries for longer than this
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header in seconds (an HTTP date is not followed)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return min(float(value.strip()), RETRY_AFTER_MAX)
 
 
 class MissingScope(Forbidden):
@@ -360,6 +368,7 @@ class AppWebhooks:
             ) as response:
                 status = response.status
                 excerpt = (await response.content.read(300)).decode(errors="replace")
+                retry_after = _retry_after(response.headers.get("Retry-After"))
         except TimeoutError as exc:
             self._count(app_id, "failed")
             raise DeliveryFailed(
@@ -383,7 +392,9 @@ class AppWebhooks:
             )
         self._count(app_id, "failed")
         retryable = status >= 500 or status in _RETRYABLE_STATUSES
-        raise DeliveryFailed(f"http_{status}: {excerpt.strip()[:200]}", retryable=retryable)
+        failed = DeliveryFailed(f"http_{status}: {excerpt.strip()[:200]}", retryable=retryable)
+        failed.retry_after = retry_after
+        raise failed
 
     async def dead(self, row: OutboxRow, error: str) -> None:
         app_id = row.destination.partition(":")[2]

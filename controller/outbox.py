@@ -33,6 +33,9 @@ class DeliveryFailed(ConvctlError):
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+        # The receiver asked for this pause (HTTP Retry-After), in seconds: the next try
+        # waits at least this long.
+        self.retry_after: float | None = None
 
 
 Handler = Callable[[OutboxRow], Awaitable[None]]
@@ -249,6 +252,9 @@ class Dispatcher:
             if retryable and attempts < policy.max_attempts:
                 delay = min(policy.backoff_max, policy.backoff_base * 2 ** (attempts - 1))
                 delay *= 0.5 + self._rng.random() / 2
+                asked = getattr(exc, "retry_after", None)
+                if isinstance(asked, (int, float)) and asked > delay:
+                    delay = float(asked)
                 at = self._clock.now() + timedelta(seconds=delay)
                 await self._store.outbox_retry(row.id, at, error)
                 self._metrics.outbox_retries.labels(prefix).inc()

@@ -37,6 +37,7 @@ class Receiver:
         self.secrets: list[str] = []
         self.deliveries: list[Delivery] = []
         self.statuses: list[int] = []
+        self.retry_after: str | None = None  # sent with a 429
         self.default = 200
         self.hold = False
         self.release = asyncio.Event()
@@ -71,7 +72,8 @@ class Receiver:
         if self.hold:
             await self.release.wait()
         status = self.statuses.pop(0) if self.statuses else self.default
-        return web.json_response({"received": status < 300}, status=status)
+        headers = {"Retry-After": self.retry_after} if self.retry_after and status == 429 else None
+        return web.json_response({"received": status < 300}, status=status, headers=headers)
 
     async def wait_for(self, count: int) -> None:
         async with asyncio.timeout(10), self.arrived:
@@ -439,3 +441,23 @@ async def test_a_disabled_app_gets_no_deliveries_until_enabled(
     await customer.wait_message("bot", "Hello!")
     await service.settle()
     assert [d.body["event"]["data"]["text"] for d in receiver.deliveries] == ["hello"]
+
+
+async def test_a_429_with_retry_after_waits_at_least_that_long(
+    make_service: Any, receiver: Receiver, clock: ManualClock
+) -> None:
+    service: Service = await make_service(clock=clock, apps=RETRIES)
+    await subscribed_app(service, receiver, ["customer.message"])
+    receiver.statuses, receiver.retry_after = [429], "60"
+    customer = await service.customer()
+    await customer.start_with_bot("hi")
+    await service.settle()
+    assert len(receiver.deliveries) == 1
+    clock.advance(59)  # past every backoff of the policy (at most 4 s), not past the 60 s asked
+    await service.settle()
+    assert len(receiver.deliveries) == 1
+    clock.advance(2)
+    await receiver.wait_for(2)
+    assert (
+        receiver.deliveries[1].headers[DELIVERY_ID] == receiver.deliveries[0].headers[DELIVERY_ID]
+    )
