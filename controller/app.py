@@ -201,12 +201,14 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await rules.start(watch=settings.rules_watch, interval=settings.rules_watch_interval)
     registry = app[APPS] = AppRegistry(store, clock)
     await registry.load()
+    calendar = settings.calendar()
     workers = Workers(
         store,
         rules.current,
         metrics=metrics,
         clock=clock,
         timezone=settings.timezone,
+        calendar=calendar,
         concurrency=settings.workers,
         matcher=settings.matcher,
         queue_facts=lambda conv: app[ROUTER].queue_facts(conv),  # the router is made below
@@ -226,7 +228,14 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     app[DISPATCHER] = dispatcher
     timers = Timers(store, clock, metrics, workers.notify)
     app[TIMERS] = timers
-    router = Router(store, clock, metrics, workers.notify, offer_timeout=settings.timeouts.offer)
+    router = Router(
+        store,
+        clock,
+        metrics,
+        workers.notify,
+        offer_timeout=settings.timeouts.offer,
+        calendar=calendar,
+    )
     router.set_push(app[DESK].push)
     app[ROUTER] = router
     workers.on_commit(dispatcher.after_commit)

@@ -31,6 +31,7 @@ def build_facts(
     tz: ZoneInfo,
     queue: dict[str, Any] | None = None,
     customer: dict[str, Any] | None = None,
+    holiday: bool | None = None,
 ) -> dict[str, Any]:
     """``queue`` and ``customer`` are derived facts read before deciding (router, profiles);
     ``customer`` gives known, profile and, when the profile has one, language."""
@@ -78,6 +79,8 @@ def build_facts(
             "confidence": event.data.get("confidence"),
             "slots": event.data.get("slots") or {},
         }
+    if holiday is not None:
+        facts["now"]["holiday"] = holiday
     if queue is not None:
         facts["queue"] = queue
     return facts

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from controller.calendar import BusinessCalendar
 from controller.clock import Clock, sleep_until_woken
 from controller.errors import Conflict, NotFound
 from controller.ids import new_id
@@ -73,7 +74,9 @@ class Router:
         notify: Callable[[Iterable[str]], None],
         *,
         offer_timeout: float,
+        calendar: BusinessCalendar | None = None,
     ) -> None:
+        self.calendar = calendar
         self._store = store
         self._clock = clock
         self._metrics = metrics
@@ -266,14 +269,14 @@ class Router:
 
         None while the conversation was never routed. ``position`` and ``estimated_wait`` are
         there only while it waits in the router's queue, so the decision that routes it does
-        not see them yet (the router learns of it after the commit). ``open`` is always true
-        until business hours exist.
+        not see them yet (the router learns of it after the commit). ``open`` follows the
+        business hours and holidays of the settings (always true without them).
         """
         if conv.queue is None:
             return None
         facts: dict[str, Any] = {
             "name": conv.queue,
-            "open": True,
+            "open": self.calendar.open(conv.queue, self._clock.now()) if self.calendar else True,
             "agents_available": self.agents_available(conv.skills),
         }
         position = self.position(conv.id)

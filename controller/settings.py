@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -23,7 +24,13 @@ from pydantic_settings import (
 
 from controller.errors import ConfigError
 
+if TYPE_CHECKING:
+    from controller.calendar import BusinessCalendar
+
 _PLACEHOLDERS = {"", "change-me", "changeme", "secret", "xxx", "todo"}
+
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
 class TimeoutSettings(BaseModel):
@@ -100,6 +107,10 @@ class Settings(BaseSettings):
     rules_watch_interval: float = Field(1.0, gt=0)
     default_language: str = "en"
     timezone: str = "UTC"
+    # Days every queue is closed (rules: now.holiday), and opening hours per queue ("*": every
+    # queue without its own) as weekday -> ["09:00-17:00", ...] in `timezone` (queue.open).
+    holidays: list[date] = Field(default_factory=list)
+    business_hours: dict[str, dict[Weekday, list[str]]] = Field(default_factory=dict)
     # ISO region for phone numbers written without a country code (e.g. "DE"); none: refused
     default_phone_region: str | None = Field(None, pattern=r"^[A-Z]{2}$")
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
@@ -128,6 +139,24 @@ class Settings(BaseSettings):
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("database_url must be a postgresql:// URL (SQLite needs none)")
         return value
+
+    @field_validator("business_hours")
+    @classmethod
+    def _hours(cls, value: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, list[str]]]:
+        from controller.calendar import parse_range
+
+        for week in value.values():
+            for ranges in week.values():
+                for text in ranges:
+                    parse_range(text)  # raises ValueError naming the bad range
+        return value
+
+    def calendar(self) -> BusinessCalendar:
+        from zoneinfo import ZoneInfo
+
+        from controller.calendar import BusinessCalendar
+
+        return BusinessCalendar(ZoneInfo(self.timezone), self.holidays, self.business_hours)
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ import structlog
 
 from controller.clock import Clock
 from controller.errors import Conflict
+from controller.calendar import BusinessCalendar
 from controller.facts import build_facts
 from controller.machine import MESSAGES_AFTER_CLOSE, Decider
 from controller.metrics import Metrics
@@ -50,6 +51,7 @@ class Workers:
         metrics: Metrics,
         clock: Clock,
         timezone: str,
+        calendar: BusinessCalendar | None = None,
         concurrency: int,
         matcher: str,
         queue_facts: QueueFacts | None = None,
@@ -64,6 +66,7 @@ class Workers:
         self._metrics = metrics
         self._clock = clock
         self._tz = ZoneInfo(timezone)
+        self._calendar = calendar
         self._decider = Decider()
         self._matcher = matcher
         self._concurrency = concurrency
@@ -238,7 +241,8 @@ class Workers:
             # Shared state (the router's queues) enters only as derived facts, stored with
             # the decision, so build_facts stays pure and explain/backtest replay the same.
             queue = self._queue_facts(conv) if self._queue_facts is not None else None
-            facts = build_facts(conv, event, self._tz, queue, customer)
+            holiday = self._calendar.holiday(event.accepted_at) if self._calendar else None
+            facts = build_facts(conv, event, self._tz, queue, customer, holiday)
             if conv.state == "closed" and event.type in MESSAGES_AFTER_CLOSE:
                 fired = []  # the machine moves or drops it; rules see it where it lands
             else:
