@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from controller.calendar import BusinessCalendar
 from controller.clock import Clock
 from controller.errors import Conflict
-from controller.calendar import BusinessCalendar
 from controller.facts import build_facts
 from controller.machine import MESSAGES_AFTER_CLOSE, Decider
 from controller.metrics import Metrics
