@@ -1,11 +1,23 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics.
+
+``/healthz`` says the process answers. ``/readyz`` says it can do its work: recovery is done
+and the database answers a small query within ``READY_DB_TIMEOUT`` seconds; a load balancer
+stops sending traffic to a process whose database is gone, and sends it again once it is back.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controller.keys import METRICS, READY
+from controller.keys import METRICS, READY, STORE
+
+log = structlog.get_logger(__name__)
+
+READY_DB_TIMEOUT = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -16,6 +28,12 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[READY]
     if not state.get("ready"):
         return web.json_response({"status": "starting"}, status=503)
+    try:
+        async with asyncio.timeout(READY_DB_TIMEOUT):
+            await request.app[STORE].outbox_next_due()  # one indexed read
+    except Exception as exc:  # any failure of the database means "not ready"
+        log.warning("readiness_database_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+        return web.json_response({"status": "database_unavailable"}, status=503)
     return web.json_response(
         {"status": "ready", **{k: v for k, v in state.items() if k != "ready"}}
     )
