@@ -32,11 +32,13 @@ from controller.api import (
     outbound,
 )
 from controller.api import apps as apps_api
+from controller.api import campaigns as campaigns_api
 from controller.api import rules as rules_api
 from controller.api.common import errors_middleware, hash_token
 from controller.api.desk import DeskHub
 from controller.apps import AppRegistry, AppWebhooks
 from controller.bots import BotGateway
+from controller.campaigns import CampaignRunner
 from controller.clock import Clock, SystemClock
 from controller.customers import CustomerProfiles
 from controller.errors import ConfigError, RequestError
@@ -45,6 +47,7 @@ from controller.keys import (
     APPS,
     BOT_GATEWAY,
     BOTS,
+    CAMPAIGNS,
     CHANNELS,
     CLOCK,
     CONNECTOR_CONTEXT,
@@ -94,11 +97,13 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app.router.add_routes(outbound.routes())
     app.router.add_routes(apps_api.routes())
     app.router.add_routes(app_conversations.routes())
+    app.router.add_routes(campaigns_api.routes())
     app.router.add_get("/", _index)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_connectors_ctx)
     app.cleanup_ctx.append(_running_ctx)
+    app.cleanup_ctx.append(_campaigns_ctx)
     _add_connector_routes(app)
     return app
 
@@ -241,12 +246,23 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     workers.on_commit(dispatcher.after_commit)
     workers.on_commit(timers.after_commit)
     workers.on_commit(router.after_commit)
+    campaigns = app[CAMPAIGNS] = CampaignRunner(
+        store,
+        clock,
+        metrics,
+        workers.notify,
+        channel_kinds={n: str(getattr(c, "channel", n)) for n, c in app[CHANNELS].items()},
+        timezone=settings.timezone,
+        default_language=settings.default_language,
+    )
+    workers.on_commit(campaigns.after_commit)  # what became of campaign messages
     yield
     # Producers first, then the workers, then the rules they use.
     await dispatcher.stop()
     await timers.stop()
     await router.stop()
     await workers.stop()
+    await campaigns.close()
     await rules.close()
 
 
@@ -308,6 +324,15 @@ async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[DESK].close_all()
     for connector in reversed(started):
         await connector.stop()
+
+
+async def _campaigns_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Campaigns send once everything else runs, and stop first (they only produce events)."""
+    resumed = await app[CAMPAIGNS].start()
+    if resumed:
+        log.info("campaigns_resumed", campaigns=resumed)
+    yield
+    await app[CAMPAIGNS].stop()
 
 
 # outbox deliveries ---------------------------------------------------------------------------

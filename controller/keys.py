@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from controller.api.desk import DeskHub
     from controller.apps import AppRegistry
     from controller.bots import BotGateway
+    from controller.campaigns import CampaignRunner
     from controller.customers import CustomerProfiles
     from controller.inbox import Inbox
     from controller.outbox import Dispatcher
@@ -44,3 +45,4 @@ READY: web.AppKey[dict[str, Any]] = web.AppKey("ready")
 CONNECTOR_CONTEXT: web.AppKey[ConnectorContext] = web.AppKey("connector_context")
 CUSTOMERS: web.AppKey[CustomerProfiles] = web.AppKey("customers")
 APPS: web.AppKey[AppRegistry] = web.AppKey("apps")
+CAMPAIGNS: web.AppKey[CampaignRunner] = web.AppKey("campaigns")

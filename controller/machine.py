@@ -250,28 +250,9 @@ class Decider:
             conv.last_customer_message_at = w.now
             text = str(data.get("text", ""))
             self._transcript(w, "customer", conv.customer_id, text)
-            # A tapped button or quick reply goes to the bot as its payload (what the bot
-            # offered), the customer's transcript keeps the title they saw.
-            asked = str(data.get("reply_id") or data.get("payload") or text)
             for p in conv.participants:
                 if p.role == "bot":
-                    self._outbox(
-                        w,
-                        f"bot:{p.id}",
-                        {
-                            "bot": p.id,
-                            "mode": p.mode,
-                            "text": asked,
-                            "reply_to_seq": ev.seq,
-                            "language": conv.language,
-                            "channel": conv.channel,
-                            "customer_id": conv.customer_id,
-                            "attributes": {
-                                k: v if isinstance(v, str) else json.dumps(v)
-                                for k, v in conv.attributes.items()
-                            },
-                        },
-                    )
+                    self._ask_bot(w, p)
             self._to_agents(w, "message", "customer", conv.customer_id, text, message_id=None)
         elif kind == "customer.disconnected":
             self._customer_present(w, False)
@@ -346,6 +327,8 @@ class Decider:
             self._app_event(w, str(data.get("app")))
         elif kind == "agent.outbound":
             self._outbound(w, str(data.get("agent_id")), str(data.get("text", "")))
+        elif kind == "campaign.message":
+            self._campaign_message(w)
         elif kind == "agent.transferred":
             self._transfer(w, str(data.get("agent_id")), data.get("to_queue"), data.get("to_agent"))
         elif kind == "agent.left":
@@ -360,6 +343,70 @@ class Decider:
             self._release_all(w)
         elif kind == "timer.fired":
             conv.timers.pop(str(data.get("name")), None)
+
+    def _ask_bot(self, w: _Work, bot: Participant) -> None:
+        """The customer message being decided goes to a bot of the conversation."""
+        conv, ev, data = w.conv, w.event, w.event.data
+        # A tapped button or quick reply goes to the bot as its payload (what the bot
+        # offered), the customer's transcript keeps the title they saw.
+        asked = str(data.get("reply_id") or data.get("payload") or data.get("text", ""))
+        self._outbox(
+            w,
+            f"bot:{bot.id}",
+            {
+                "bot": bot.id,
+                "mode": bot.mode,
+                "text": asked,
+                "reply_to_seq": ev.seq,
+                "language": conv.language,
+                "channel": conv.channel,
+                "customer_id": conv.customer_id,
+                "attributes": {
+                    k: v if isinstance(v, str) else json.dumps(v)
+                    for k, v in conv.attributes.items()
+                },
+            },
+        )
+
+    def _campaign_message(self, w: _Work) -> None:
+        """An outbound campaign's message (a template): it goes out like a message of the
+        controller, and the conversation remembers the campaign (``attributes.campaign``) so
+        the rules know who is answering. Nobody joins: the conversation stays ``new`` until
+        the customer replies and the rules take over.
+
+        A conversation closed between the send and this decision does not take it: it moves
+        to a new conversation of the same customer, as a customer message would."""
+        conv, ev, data = w.conv, w.event, w.event.data
+        if conv.state == "closed":
+            w.record.emitted.append(
+                NewEvent(
+                    type="campaign.message",
+                    source="controller",
+                    dedupe_key=f"{ev.id}:after-close",
+                    channel=conv.channel,
+                    instance=conv.instance,
+                    endpoint=conv.endpoint,
+                    identity=conv.identity,
+                    data={**data, "moved_from": conv.id},
+                )
+            )
+            return
+        campaign = str(data.get("campaign_id", ""))
+        attributes = {**conv.attributes, "campaign": campaign}
+        if conv.state == "new":
+            attributes.setdefault("direction", "outbound")
+        conv.attributes = attributes
+        template = data.get("template")
+        content = None
+        if isinstance(template, dict):
+            content = {
+                "template": {**template, "language": template.get("language") or conv.language}
+            }
+        text = str(data.get("text", ""))
+        sender = f"campaign:{campaign}"
+        msg = self._transcript(w, "controller", sender, text, content=content)
+        self._to_customer(w, msg)
+        self._to_agents(w, "message", "controller", sender, text, message_id=msg.id)
 
     def _add_app(self, w: _Work, app: str) -> None:
         w.conv.participants.append(Participant(role="app", id=app, joined_at=w.now))
@@ -480,15 +527,18 @@ class Decider:
                 raise Refused(f"bot {action.bot} is already in the conversation")
             if action.mode == "direct":
                 self.transition(conv, "invite_bot")
-            conv.participants.append(
-                Participant(
-                    role="bot",
-                    id=action.bot,
-                    mode=action.mode,
-                    primary=action.mode == "direct",
-                    joined_at=w.now,
-                )
+            bot = Participant(
+                role="bot",
+                id=action.bot,
+                mode=action.mode,
+                primary=action.mode == "direct",
+                joined_at=w.now,
             )
+            conv.participants.append(bot)
+            if w.event.type == "customer.message":
+                # Invited because of this message (say, a reply to a campaign): the bot
+                # answers it, as if it had been there when it came.
+                self._ask_bot(w, bot)
         elif isinstance(action, InviteApp):
             if conv.find("app", action.app) is not None:
                 raise Refused(f"app {action.app} is already in the conversation")

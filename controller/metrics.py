@@ -61,6 +61,19 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
+        self.campaign_messages = Counter(
+            "convctl_campaign_messages",
+            "Campaign recipients by what the runner did: sent, or skipped (opted_out, "
+            "no_channel_identity, missing_parameter, unknown_customer)",
+            ["outcome"],
+            registry=r,
+        )
+        self.campaign_outcomes = Counter(
+            "convctl_campaign_outcomes",
+            "What became of campaign messages (delivered, read, failed, replied, moved)",
+            ["kind"],
+            registry=r,
+        )
         self.timers_fired = Counter("convctl_timers_fired", "Timers fired", registry=r)
         self.bot_requests = Counter(
             "convctl_bot_requests",

@@ -44,6 +44,7 @@ class ScopedRoute:
 
 
 _IN = "/api/v1/apps/me/conversations/{conversation_id}"  # apps in conversations
+_RUN = "campaigns:run"
 APP_API: tuple[ScopedRoute, ...] = (
     ScopedRoute("GET", "/api/v1/apps/me", None),
     ScopedRoute("GET", "/api/v1/apps/me/subscriptions", EVENTS_SCOPE),
@@ -59,6 +60,17 @@ APP_API: tuple[ScopedRoute, ...] = (
     ScopedRoute("POST", _IN + "/events", "conversations:write"),
     ScopedRoute("GET", "/api/v1/conversations/{conversation_id}", "conversations:read"),
     ScopedRoute("GET", "/api/v1/conversations/{conversation_id}/messages", "conversations:read"),
+    # outbound campaigns (controller/api/campaigns.py); an app reaches only its own campaigns
+    ScopedRoute("POST", "/api/v1/campaigns", _RUN),
+    ScopedRoute("GET", "/api/v1/campaigns", _RUN),
+    ScopedRoute("GET", "/api/v1/campaigns/{campaign_id}", _RUN),
+    ScopedRoute("GET", "/api/v1/campaigns/{campaign_id}/recipients", _RUN),
+    ScopedRoute("POST", "/api/v1/campaigns/{campaign_id}/pause", _RUN),
+    ScopedRoute("POST", "/api/v1/campaigns/{campaign_id}/resume", _RUN),
+    ScopedRoute("POST", "/api/v1/campaigns/{campaign_id}/cancel", _RUN),
+    ScopedRoute("GET", "/api/v1/campaigns/opt-outs", _RUN),
+    ScopedRoute("POST", "/api/v1/campaigns/opt-outs", _RUN),
+    ScopedRoute("DELETE", "/api/v1/campaigns/opt-outs/{customer_id}", _RUN),
 )
 _SCOPE_OF = {(r.method, r.path): r.scope for r in APP_API}
 

@@ -41,6 +41,7 @@ EventType = Literal[
     "app.left",
     "delivery.status",
     "delivery.failed",
+    "campaign.message",
     "timer.fired",
 ]
 

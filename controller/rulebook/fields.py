@@ -35,6 +35,7 @@ FIELDS: Mapping[str, FieldType] = {
     "event.direction": "str",
     "event.status": "str",
     "event.disposition": "str",
+    "event.campaign_id": "str",
     # the conversation it belongs to
     "conversation.id": "str",
     "conversation.state": "str",
@@ -141,6 +142,7 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
     "`outbound` (an agent or a campaign did)",
     "event.status": "`delivery.status`: the delivery status",
     "event.disposition": "`agent.wrap_up_done`: the agent's disposition",
+    "event.campaign_id": "`campaign.message`: the campaign",
     "conversation.id": "the conversation's id",
     "conversation.state": "`new`, `bot`, `queued`, `agent`, `wrap_up` or `closed`",
     "conversation.channel": "the channel type, e.g. `webchat`",
@@ -227,6 +229,10 @@ EVENT_DESCRIPTIONS: Mapping[str, str] = {
     "delivery.failed": (
         "a message could not be delivered (`reason`: window_closed, invalid_recipient, "
         "rate_limited, provider_error)"
+    ),
+    "campaign.message": (
+        "an outbound campaign sent the customer its template (`campaign_id`, `text`); the "
+        "conversation's attribute `campaign` holds the campaign's id from then on"
     ),
     "timer.fired": "a timer ran out (`name`, `generation`)",
 }

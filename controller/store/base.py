@@ -499,6 +499,105 @@ class Store(abc.ABC):
         """Queue a dead row again (same row, same idempotency key, attempts from zero, due
         now); False if it is not dead."""
 
+    # campaigns -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_campaign(
+        self,
+        campaign: CampaignRecord,
+        recipients: Sequence[tuple[str, Mapping[str, Any]]],
+        idempotency: IdempotencyKey | None = None,
+    ) -> tuple[CampaignRecord, bool]:
+        """Store a campaign and one pending recipient per customer (customer id, literal
+        parameters), in audience order, in one transaction. A customer given twice is one
+        recipient (the first one's parameters). Returns the campaign (``recipients`` set) and
+        True; with a key already used: the campaign it created and False (a 422 for another
+        request)."""
+
+    @abc.abstractmethod
+    async def campaign(self, campaign_id: str) -> CampaignRecord | None: ...
+
+    @abc.abstractmethod
+    async def campaigns(
+        self,
+        *,
+        owner: str | None = None,
+        statuses: Sequence[str] | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[CampaignRecord]:
+        """Campaigns newest first (of one owner, in some statuses); ``before``: the page after
+        that campaign id."""
+
+    @abc.abstractmethod
+    async def campaign_counts(self, campaign_id: str) -> dict[str, int]:
+        """Recipients by status (``pending``, ``sent``, ... only the statuses present)."""
+
+    @abc.abstractmethod
+    async def set_campaign_status(
+        self,
+        campaign_id: str,
+        status: str,
+        *,
+        allowed_from: Sequence[str],
+        now: datetime,
+        skip_pending: str | None = None,
+    ) -> CampaignRecord | None:
+        """Move a campaign to ``status`` if it is in one of ``allowed_from`` (None otherwise);
+        with ``skip_pending``, its pending recipients become ``skipped`` with that reason, in
+        the same transaction. NotFound for an unknown campaign."""
+
+    @abc.abstractmethod
+    async def campaign_batch(self, campaign_id: str, limit: int) -> list[CampaignWork]:
+        """The next pending recipients in audience order, with their customers as stored
+        now (None for a customer that is gone)."""
+
+    @abc.abstractmethod
+    async def campaign_send(
+        self, campaign_id: str, customer_id: str, event: NewEvent, now: datetime
+    ) -> CampaignSend:
+        """One send, one transaction: if the campaign is running, the recipient pending and
+        the customer not opted out, store ``event`` in the inbox (it opens or joins the
+        conversation of its identity) and mark the recipient ``sent`` with its conversation
+        and event. The customer gets the event's channel identity when nobody has it (a
+        WhatsApp number reached through the profile's phone), so the conversation is theirs.
+        Outcomes: ``sent``, ``opted_out`` and ``unknown_customer`` (the recipient is
+        skipped), ``not_pending``, ``not_running``."""
+
+    @abc.abstractmethod
+    async def campaign_skip(
+        self, campaign_id: str, customer_id: str, reason: str, now: datetime
+    ) -> bool:
+        """A pending recipient is skipped with ``reason``; False if it was not pending."""
+
+    @abc.abstractmethod
+    async def campaign_outcomes(self, outcomes: Sequence[CampaignOutcome], now: datetime) -> int:
+        """Apply what happened after sends (delivered, read, failed, replied, moved), in one
+        transaction; returns how many recipients changed. An outcome never moves a
+        recipient back (read after replied keeps ``replied`` and records ``read_at``)."""
+
+    @abc.abstractmethod
+    async def campaign_recipients(
+        self,
+        campaign_id: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        after: int | None = None,
+    ) -> list[CampaignRecipient]:
+        """Recipients in audience order; ``after``: the page after that position."""
+
+    @abc.abstractmethod
+    async def add_opt_out(self, customer_id: str, source: str, now: datetime) -> bool:
+        """Put a customer on the campaign opt-out list; False if it was there already."""
+
+    @abc.abstractmethod
+    async def remove_opt_out(self, customer_id: str) -> bool:
+        """Take a customer off the opt-out list; False if it was not on it."""
+
+    @abc.abstractmethod
+    async def opt_outs(self, *, limit: int = 50, after: str | None = None) -> list[OptOut]:
+        """The opt-out list in customer id order; ``after``: the page after that id."""
+
 
 @dataclass(frozen=True, slots=True)
 class RulesVersion:
@@ -690,3 +789,170 @@ class OutboxEntry:
     created_at: datetime
     next_attempt_at: datetime
     done_at: datetime | None
+
+
+# campaigns ---------------------------------------------------------------------------------
+# What a recipient can become; ``skipped`` and ``failed`` carry a reason.
+RECIPIENT_STATUSES: tuple[str, ...] = (
+    "pending",
+    "sent",
+    "delivered",
+    "read",
+    "replied",
+    "failed",
+    "skipped",
+)
+CAMPAIGN_STATUSES: tuple[str, ...] = (
+    "scheduled",
+    "running",
+    "paused",
+    "completed",
+    "expired",
+    "cancelled",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignRecord:
+    """An outbound campaign: a WhatsApp template sent to an audience at a rate, in a window.
+
+    ``owner`` is ``admin`` or the id of the app that created it; ``template`` is ``{name,
+    language, parameters}`` with ``{{ … }}`` placeholders filled per recipient; ``hours_*``
+    is a daily window (``HH:MM``, the service's timezone)."""
+
+    id: str
+    name: str
+    owner: str
+    channel: str
+    endpoint: str
+    template: dict[str, Any]
+    text: str | None
+    audience: dict[str, Any]
+    rate: float
+    starts_at: datetime | None
+    ends_at: datetime | None
+    hours_from: str | None
+    hours_to: str | None
+    status: str
+    recipients: int
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        hours = (
+            {"from": self.hours_from, "to": self.hours_to}
+            if self.hours_from and self.hours_to
+            else None
+        )
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "status": self.status,
+            "channel": self.channel,
+            "endpoint": self.endpoint,
+            "template": self.template,
+            "text": self.text,
+            "audience": self.audience,
+            "rate": self.rate,
+            "window": {
+                "starts_at": self.starts_at.isoformat() if self.starts_at else None,
+                "ends_at": self.ends_at.isoformat() if self.ends_at else None,
+                "hours": hours,
+            },
+            "recipients": self.recipients,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignRecipient:
+    """One customer of a campaign and what became of the message to them."""
+
+    campaign_id: str
+    customer_id: str
+    position: int
+    params: dict[str, Any]
+    status: str
+    reason: str | None = None
+    conversation_id: str | None = None
+    event_id: str | None = None
+    sent_at: datetime | None = None
+    delivered_at: datetime | None = None
+    read_at: datetime | None = None
+    replied_at: datetime | None = None
+    failed_at: datetime | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "customer_id": self.customer_id,
+            "position": self.position,
+            "status": self.status,
+            "reason": self.reason,
+            "conversation_id": self.conversation_id,
+            "event_id": self.event_id,
+            "params": self.params,
+            "sent_at": iso(self.sent_at),
+            "delivered_at": iso(self.delivered_at),
+            "read_at": iso(self.read_at),
+            "replied_at": iso(self.replied_at),
+            "failed_at": iso(self.failed_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignWork:
+    """A pending recipient with its customer as stored now (None: the customer is gone)."""
+
+    recipient: CampaignRecipient
+    customer: CustomerRecord | None
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignSend:
+    """What one send did: ``sent`` (with the inbox's answer), ``opted_out``, ``not_pending``
+    or ``not_running``."""
+
+    outcome: str
+    accepted: Accepted | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignOutcome:
+    """Something that happened after a send, for ``Store.campaign_outcomes``.
+
+    ``kind``: ``delivered``, ``read`` or ``failed`` (of the message the send's event made:
+    ``event_id``; ``failed`` with ``reason``), ``replied`` (the customer wrote in the
+    recipient's conversation: ``campaign_id``, ``conversation_id``), or ``moved`` (the send's
+    event found its conversation closed and moved to a new one: ``campaign_id``,
+    ``customer_id``, the new ``conversation_id`` and ``event_id``)."""
+
+    kind: str
+    at: datetime
+    event_id: str | None = None
+    campaign_id: str | None = None
+    conversation_id: str | None = None
+    customer_id: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OptOut:
+    """A customer who asked not to receive campaigns (``source``: who recorded it)."""
+
+    customer_id: str
+    source: str
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "customer_id": self.customer_id,
+            "source": self.source,
+            "created_at": self.created_at.isoformat(),
+        }

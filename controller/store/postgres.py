@@ -53,6 +53,11 @@ from controller.store.base import (
     AppRecord,
     AppSubscription,
     BulkOutcome,
+    CampaignOutcome,
+    CampaignRecipient,
+    CampaignRecord,
+    CampaignSend,
+    CampaignWork,
     Committed,
     CustomerQuery,
     CustomerRecord,
@@ -62,6 +67,7 @@ from controller.store.base import (
     MergeResult,
     Message,
     OfferRecord,
+    OptOut,
     OutboxEntry,
     OutboxRow,
     ProviderMessage,
@@ -73,7 +79,12 @@ from controller.store.base import (
     TimerRow,
     channel_identity,
 )
-from controller.store.sqlite import _profile_name, _redact  # the same rules on both stores
+from controller.store.sqlite import (  # the same rules on both stores
+    _first_of_each,
+    _outcome_update,
+    _profile_name,
+    _redact,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -1372,6 +1383,376 @@ class PostgresStore(Store):
 
         return await self._tx(run)
 
+    # campaigns ---------------------------------------------------------------------------
+    async def create_campaign(
+        self,
+        campaign: CampaignRecord,
+        recipients: Sequence[tuple[str, Mapping[str, Any]]],
+        idempotency: IdempotencyKey | None = None,
+    ) -> tuple[CampaignRecord, bool]:
+        first = _first_of_each(recipients)
+        now = _ts(campaign.created_at)
+
+        async def run(conn: Conn) -> tuple[CampaignRecord, bool]:
+            replay = await _replay(conn, idempotency)
+            if replay is not None:
+                earlier = await _campaign(conn, str(replay.body["id"]))
+                assert earlier is not None
+                return earlier, False
+            await conn.execute(
+                "INSERT INTO campaigns (id, name, owner, channel, endpoint, template, text, "
+                "audience, rate, starts_at, ends_at, hours_from, hours_to, status, "
+                "created_at, updated_at, recipients) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
+                "$9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                campaign.id,
+                _text(campaign.name),
+                campaign.owner,
+                campaign.channel,
+                campaign.endpoint,
+                _json(campaign.template),
+                _text(campaign.text) if campaign.text is not None else None,
+                _json(campaign.audience),
+                campaign.rate,
+                _ts(campaign.starts_at) if campaign.starts_at else None,
+                _ts(campaign.ends_at) if campaign.ends_at else None,
+                campaign.hours_from,
+                campaign.hours_to,
+                campaign.status,
+                now,
+                _ts(campaign.updated_at),
+                len(first),
+            )
+            await conn.execute(
+                "INSERT INTO campaign_recipients (campaign_id, customer_id, position, params, "
+                "updated_at) SELECT $1, c, p, j::jsonb, $5 FROM unnest($2::text[], $3::int[], "
+                "$4::text[]) AS r(c, p, j)",
+                campaign.id,
+                [customer_id for customer_id, _ in first],
+                list(range(1, len(first) + 1)),
+                [_json(dict(params)) for _, params in first],
+                now,
+            )
+            await _remember(conn, idempotency, 201, {"id": campaign.id}, campaign.created_at)
+            found = await _campaign(conn, campaign.id)
+            assert found is not None
+            return found, True
+
+        return await self._tx(run)
+
+    async def campaign(self, campaign_id: str) -> CampaignRecord | None:
+        return await self._read(lambda conn: _campaign(conn, campaign_id))
+
+    async def campaigns(
+        self,
+        *,
+        owner: str | None = None,
+        statuses: Sequence[str] | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[CampaignRecord]:
+        async def run(conn: Conn) -> list[CampaignRecord]:
+            rows = await conn.fetch(
+                "SELECT * FROM campaigns WHERE ($1::text IS NULL OR owner = $1) "
+                "AND ($2::text[] IS NULL OR status = ANY($2)) "
+                "AND ($3::text IS NULL OR id < $3) ORDER BY id DESC LIMIT $4",
+                owner,
+                list(statuses) if statuses is not None else None,
+                before,
+                limit,
+            )
+            return [_campaign_from_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def campaign_counts(self, campaign_id: str) -> dict[str, int]:
+        async def run(conn: Conn) -> dict[str, int]:
+            rows = await conn.fetch(
+                "SELECT status, COUNT(*) FROM campaign_recipients WHERE campaign_id = $1 "
+                "GROUP BY status",
+                campaign_id,
+            )
+            return {r[0]: int(r[1]) for r in rows}
+
+        return await self._read(run)
+
+    async def set_campaign_status(
+        self,
+        campaign_id: str,
+        status: str,
+        *,
+        allowed_from: Sequence[str],
+        now: datetime,
+        skip_pending: str | None = None,
+    ) -> CampaignRecord | None:
+        final = status in ("completed", "expired", "cancelled")
+
+        async def run(conn: Conn) -> CampaignRecord | None:
+            # Locked until commit: a send in flight (which holds the row shared) finishes
+            # first, and no send starts on the old status afterwards.
+            current = await _campaign(conn, campaign_id, lock="FOR UPDATE")
+            if current is None:
+                raise NotFound(f"unknown campaign {campaign_id!r}", code="unknown_campaign")
+            if current.status not in allowed_from:
+                return None
+            await conn.execute(
+                "UPDATE campaigns SET status = $1, updated_at = $2, finished_at = $3 WHERE id = $4",
+                status,
+                _ts(now),
+                _ts(now) if final else None,
+                campaign_id,
+            )
+            if skip_pending is not None:
+                await conn.execute(
+                    "UPDATE campaign_recipients SET status = 'skipped', reason = $1, "
+                    "updated_at = $2 WHERE campaign_id = $3 AND status = 'pending'",
+                    skip_pending,
+                    _ts(now),
+                    campaign_id,
+                )
+            return await _campaign(conn, campaign_id)
+
+        return await self._tx(run)
+
+    async def campaign_batch(self, campaign_id: str, limit: int) -> list[CampaignWork]:
+        async def run(conn: Conn) -> list[CampaignWork]:
+            rows = await conn.fetch(
+                "SELECT * FROM campaign_recipients WHERE campaign_id = $1 AND status = 'pending' "
+                "ORDER BY position LIMIT $2",
+                campaign_id,
+                limit,
+            )
+            return [
+                CampaignWork(_recipient_from_row(r), await _customer(conn, r["customer_id"]))
+                for r in rows
+            ]
+
+        return await self._read(run, consistent=True)
+
+    async def campaign_send(
+        self, campaign_id: str, customer_id: str, event: NewEvent, now: datetime
+    ) -> CampaignSend:
+        async def run(conn: Conn) -> CampaignSend:
+            status = await conn.fetchval(
+                "SELECT status FROM campaigns WHERE id = $1 FOR SHARE", campaign_id
+            )
+            if status != "running":
+                return CampaignSend("not_running")
+            recipient = await conn.fetchval(
+                "SELECT status FROM campaign_recipients WHERE campaign_id = $1 "
+                "AND customer_id = $2 FOR UPDATE",
+                campaign_id,
+                customer_id,
+            )
+            if recipient != "pending":
+                return CampaignSend("not_pending")
+            opted_out = await conn.fetchval(
+                "SELECT 1 FROM campaign_opt_outs WHERE customer_id = $1", customer_id
+            )
+            if opted_out:
+                await conn.execute(
+                    "UPDATE campaign_recipients SET status = 'skipped', reason = 'opted_out', "
+                    "updated_at = $1 WHERE campaign_id = $2 AND customer_id = $3",
+                    _ts(now),
+                    campaign_id,
+                    customer_id,
+                )
+                return CampaignSend("opted_out")
+            if not await _campaign_identity(conn, customer_id, event, now):
+                await conn.execute(
+                    "UPDATE campaign_recipients SET status = 'skipped', "
+                    "reason = 'unknown_customer', updated_at = $1 WHERE campaign_id = $2 "
+                    "AND customer_id = $3",
+                    _ts(now),
+                    campaign_id,
+                    customer_id,
+                )
+                return CampaignSend("unknown_customer")
+            accepted = await _accept_one(conn, event, now)
+            await conn.execute(
+                "UPDATE campaign_recipients SET status = 'sent', conversation_id = $1, "
+                "event_id = $2, sent_at = $3, updated_at = $3 WHERE campaign_id = $4 "
+                "AND customer_id = $5",
+                accepted.conversation_id,
+                accepted.event_id,
+                _ts(now),
+                campaign_id,
+                customer_id,
+            )
+            return CampaignSend("sent", accepted)
+
+        return await self._tx(run)
+
+    async def campaign_skip(
+        self, campaign_id: str, customer_id: str, reason: str, now: datetime
+    ) -> bool:
+        async def run(conn: Conn) -> bool:
+            return bool(
+                _rowcount(
+                    await conn.execute(
+                        "UPDATE campaign_recipients SET status = 'skipped', reason = $1, "
+                        "updated_at = $2 WHERE campaign_id = $3 AND customer_id = $4 "
+                        "AND status = 'pending'",
+                        reason,
+                        _ts(now),
+                        campaign_id,
+                        customer_id,
+                    )
+                )
+            )
+
+        return await self._tx(run)
+
+    async def campaign_outcomes(self, outcomes: Sequence[CampaignOutcome], now: datetime) -> int:
+        async def run(conn: Conn) -> int:
+            changed = 0
+            for outcome in outcomes:
+                sql, args = _outcome_update(outcome, now, "$")
+                changed += _rowcount(await conn.execute(sql, *args))
+            return changed
+
+        return await self._tx(run)
+
+    async def campaign_recipients(
+        self,
+        campaign_id: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        after: int | None = None,
+    ) -> list[CampaignRecipient]:
+        async def run(conn: Conn) -> list[CampaignRecipient]:
+            rows = await conn.fetch(
+                "SELECT * FROM campaign_recipients WHERE campaign_id = $1 "
+                "AND ($2::text IS NULL OR status = $2) AND ($3::int IS NULL OR position > $3) "
+                "ORDER BY position LIMIT $4",
+                campaign_id,
+                status,
+                after,
+                limit,
+            )
+            return [_recipient_from_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def add_opt_out(self, customer_id: str, source: str, now: datetime) -> bool:
+        async def run(conn: Conn) -> bool:
+            return bool(
+                _rowcount(
+                    await conn.execute(
+                        "INSERT INTO campaign_opt_outs (customer_id, source, created_at) "
+                        "VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                        customer_id,
+                        source,
+                        _ts(now),
+                    )
+                )
+            )
+
+        return await self._tx(run)
+
+    async def remove_opt_out(self, customer_id: str) -> bool:
+        async def run(conn: Conn) -> bool:
+            return bool(
+                _rowcount(
+                    await conn.execute(
+                        "DELETE FROM campaign_opt_outs WHERE customer_id = $1", customer_id
+                    )
+                )
+            )
+
+        return await self._tx(run)
+
+    async def opt_outs(self, *, limit: int = 50, after: str | None = None) -> list[OptOut]:
+        async def run(conn: Conn) -> list[OptOut]:
+            rows = await conn.fetch(
+                "SELECT * FROM campaign_opt_outs WHERE customer_id > $1 "
+                "ORDER BY customer_id LIMIT $2",
+                after or "",
+                limit,
+            )
+            return [OptOut(r["customer_id"], r["source"], _dt(r["created_at"])) for r in rows]
+
+        return await self._read(run)
+
+
+# campaigns --------------------------------------------------------------------------------
+def _campaign_from_row(row: Row) -> CampaignRecord:
+    return CampaignRecord(
+        id=row["id"],
+        name=row["name"],
+        owner=row["owner"],
+        channel=row["channel"],
+        endpoint=row["endpoint"],
+        template=json.loads(row["template"]),
+        text=row["text"],
+        audience=json.loads(row["audience"]),
+        rate=row["rate"],
+        starts_at=_dt(row["starts_at"]) if row["starts_at"] is not None else None,
+        ends_at=_dt(row["ends_at"]) if row["ends_at"] is not None else None,
+        hours_from=row["hours_from"],
+        hours_to=row["hours_to"],
+        status=row["status"],
+        recipients=row["recipients"],
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"]),
+        finished_at=_dt(row["finished_at"]) if row["finished_at"] is not None else None,
+    )
+
+
+async def _campaign_identity(conn: Conn, customer_id: str, event: NewEvent, now: datetime) -> bool:
+    """The customer (False if gone) gets the channel identity a campaign writes to when
+    nobody has it yet, so the conversation, and every reply, is the customer's."""
+    live = await conn.fetchval(
+        "SELECT 1 FROM customers WHERE id = $1 AND deleted_at IS NULL FOR UPDATE", customer_id
+    )
+    if not live:
+        return False
+    assert event.channel is not None and event.identity is not None
+    ident = channel_identity(event.channel, event.identity)
+    added = _rowcount(
+        await conn.execute(
+            "INSERT INTO identities (kind, value, customer_id, created_at) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            ident.kind,
+            ident.value,
+            customer_id,
+            _ts(now),
+        )
+    )
+    if added:
+        await conn.execute(
+            "UPDATE customers SET version = version + 1, updated_at = $1 WHERE id = $2",
+            _ts(now),
+            customer_id,
+        )
+    return True
+
+
+async def _campaign(conn: Conn, campaign_id: str, *, lock: str = "") -> CampaignRecord | None:
+    row = await conn.fetchrow(f"SELECT * FROM campaigns WHERE id = $1 {lock}", campaign_id)
+    return _campaign_from_row(row) if row else None
+
+
+def _recipient_from_row(row: Row) -> CampaignRecipient:
+    def at(column: str) -> datetime | None:
+        return _dt(row[column]) if row[column] is not None else None
+
+    return CampaignRecipient(
+        campaign_id=row["campaign_id"],
+        customer_id=row["customer_id"],
+        position=row["position"],
+        params=json.loads(row["params"]),
+        status=row["status"],
+        reason=row["reason"],
+        conversation_id=row["conversation_id"],
+        event_id=row["event_id"],
+        sent_at=at("sent_at"),
+        delivered_at=at("delivered_at"),
+        read_at=at("read_at"),
+        replied_at=at("replied_at"),
+        failed_at=at("failed_at"),
+    )
+
 
 # rows -------------------------------------------------------------------------------------
 def _outbox_row(row: Row) -> OutboxRow:
@@ -1609,7 +1990,9 @@ async def _open_conversation(conn: Conn, ev: NewEvent, now: datetime) -> str:
             conversation_id=conv_id,
             data={
                 "channel": ev.channel,
-                "direction": "outbound" if ev.type == "agent.outbound" else "inbound",
+                "direction": "outbound"
+                if ev.type in ("agent.outbound", "campaign.message")
+                else "inbound",
             },
         ),
         now,
@@ -1976,6 +2359,10 @@ async def _erase(conn: Conn, customer_id: str, now: datetime, marker: str) -> in
             conv["id"],
         )
     await conn.execute("DELETE FROM identities WHERE customer_id = $1", customer_id)
+    # literal campaign parameters given for the customer (an order number, a name...)
+    await conn.execute(
+        "UPDATE campaign_recipients SET params = '{}' WHERE customer_id = $1", customer_id
+    )
     await conn.execute(
         "DELETE FROM idempotency_keys WHERE strpos(response::text, $1) > 0",
         f'"id": "{customer_id}"',

@@ -33,6 +33,11 @@ from controller.store.base import (
     AppRecord,
     AppSubscription,
     BulkOutcome,
+    CampaignOutcome,
+    CampaignRecipient,
+    CampaignRecord,
+    CampaignSend,
+    CampaignWork,
     Committed,
     CustomerQuery,
     CustomerRecord,
@@ -42,6 +47,7 @@ from controller.store.base import (
     MergeResult,
     Message,
     OfferRecord,
+    OptOut,
     OutboxEntry,
     OutboxRow,
     ProviderMessage,
@@ -1336,6 +1342,410 @@ class SqliteStore(Store):
 
         return await self._write(run)
 
+    # campaigns ---------------------------------------------------------------------------
+    async def create_campaign(
+        self,
+        campaign: CampaignRecord,
+        recipients: Sequence[tuple[str, Mapping[str, Any]]],
+        idempotency: IdempotencyKey | None = None,
+    ) -> tuple[CampaignRecord, bool]:
+        now = _ts(campaign.created_at)
+        rows = [
+            (campaign.id, customer_id, position, json.dumps(dict(params)), now)
+            for position, (customer_id, params) in enumerate(_first_of_each(recipients), start=1)
+        ]
+
+        def run(conn: sqlite3.Connection) -> tuple[CampaignRecord, bool]:
+            replay = _replay(conn, idempotency)
+            if replay is not None:
+                earlier = _campaign(conn, str(replay.body["id"]))
+                assert earlier is not None
+                return earlier, False
+            conn.execute(
+                "INSERT INTO campaigns (id, name, owner, channel, endpoint, template, text, "
+                "audience, rate, starts_at, ends_at, hours_from, hours_to, status, "
+                "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    campaign.id,
+                    campaign.name,
+                    campaign.owner,
+                    campaign.channel,
+                    campaign.endpoint,
+                    json.dumps(campaign.template),
+                    campaign.text,
+                    json.dumps(campaign.audience),
+                    campaign.rate,
+                    _ts(campaign.starts_at) if campaign.starts_at else None,
+                    _ts(campaign.ends_at) if campaign.ends_at else None,
+                    campaign.hours_from,
+                    campaign.hours_to,
+                    campaign.status,
+                    now,
+                    _ts(campaign.updated_at),
+                ),
+            )
+            # A customer given twice keeps its first place (and parameters).
+            conn.executemany(
+                "INSERT OR IGNORE INTO campaign_recipients (campaign_id, customer_id, position, "
+                "params, updated_at) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            count = conn.execute(
+                "SELECT COUNT(*) FROM campaign_recipients WHERE campaign_id = ?", (campaign.id,)
+            ).fetchone()[0]
+            conn.execute("UPDATE campaigns SET recipients = ? WHERE id = ?", (count, campaign.id))
+            _remember(conn, idempotency, 201, {"id": campaign.id}, campaign.created_at)
+            found = _campaign(conn, campaign.id)
+            assert found is not None
+            return found, True
+
+        return await self._write(run)
+
+    async def campaign(self, campaign_id: str) -> CampaignRecord | None:
+        return await self._read(lambda conn: _campaign(conn, campaign_id))
+
+    async def campaigns(
+        self,
+        *,
+        owner: str | None = None,
+        statuses: Sequence[str] | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> list[CampaignRecord]:
+        def run(conn: sqlite3.Connection) -> list[CampaignRecord]:
+            where, args = ["1 = 1"], []
+            if owner is not None:
+                where.append("owner = ?")
+                args.append(owner)
+            if statuses is not None:
+                where.append(f"status IN ({','.join('?' * len(statuses))})")
+                args += list(statuses)
+            if before is not None:
+                where.append("id < ?")
+                args.append(before)
+            rows = conn.execute(
+                f"SELECT * FROM campaigns WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
+                (*args, limit),
+            ).fetchall()
+            return [_campaign_from_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def campaign_counts(self, campaign_id: str) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT status, COUNT(*) FROM campaign_recipients WHERE campaign_id = ? "
+                "GROUP BY status",
+                (campaign_id,),
+            ).fetchall()
+            return {r[0]: int(r[1]) for r in rows}
+
+        return await self._read(run)
+
+    async def set_campaign_status(
+        self,
+        campaign_id: str,
+        status: str,
+        *,
+        allowed_from: Sequence[str],
+        now: datetime,
+        skip_pending: str | None = None,
+    ) -> CampaignRecord | None:
+        final = status in ("completed", "expired", "cancelled")
+
+        def run(conn: sqlite3.Connection) -> CampaignRecord | None:
+            current = _campaign(conn, campaign_id)
+            if current is None:
+                raise NotFound(f"unknown campaign {campaign_id!r}", code="unknown_campaign")
+            if current.status not in allowed_from:
+                return None
+            conn.execute(
+                "UPDATE campaigns SET status = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+                (status, _ts(now), _ts(now) if final else None, campaign_id),
+            )
+            if skip_pending is not None:
+                conn.execute(
+                    "UPDATE campaign_recipients SET status = 'skipped', reason = ?, "
+                    "updated_at = ? WHERE campaign_id = ? AND status = 'pending'",
+                    (skip_pending, _ts(now), campaign_id),
+                )
+            return _campaign(conn, campaign_id)
+
+        return await self._write(run)
+
+    async def campaign_batch(self, campaign_id: str, limit: int) -> list[CampaignWork]:
+        def run(conn: sqlite3.Connection) -> list[CampaignWork]:
+            rows = conn.execute(
+                "SELECT * FROM campaign_recipients WHERE campaign_id = ? AND status = 'pending' "
+                "ORDER BY position LIMIT ?",
+                (campaign_id, limit),
+            ).fetchall()
+            return [
+                CampaignWork(_recipient_from_row(r), _customer(conn, r["customer_id"]))
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    async def campaign_send(
+        self, campaign_id: str, customer_id: str, event: NewEvent, now: datetime
+    ) -> CampaignSend:
+        def run(conn: sqlite3.Connection) -> CampaignSend:
+            status = conn.execute(
+                "SELECT status FROM campaigns WHERE id = ?", (campaign_id,)
+            ).fetchone()
+            if status is None or status[0] != "running":
+                return CampaignSend("not_running")
+            recipient = conn.execute(
+                "SELECT status FROM campaign_recipients WHERE campaign_id = ? AND customer_id = ?",
+                (campaign_id, customer_id),
+            ).fetchone()
+            if recipient is None or recipient[0] != "pending":
+                return CampaignSend("not_pending")
+            opted_out = conn.execute(
+                "SELECT 1 FROM campaign_opt_outs WHERE customer_id = ?", (customer_id,)
+            ).fetchone()
+            if opted_out:
+                conn.execute(
+                    "UPDATE campaign_recipients SET status = 'skipped', reason = 'opted_out', "
+                    "updated_at = ? WHERE campaign_id = ? AND customer_id = ?",
+                    (_ts(now), campaign_id, customer_id),
+                )
+                return CampaignSend("opted_out")
+            if not _campaign_identity(conn, customer_id, event, now):
+                conn.execute(
+                    "UPDATE campaign_recipients SET status = 'skipped', "
+                    "reason = 'unknown_customer', updated_at = ? WHERE campaign_id = ? "
+                    "AND customer_id = ?",
+                    (_ts(now), campaign_id, customer_id),
+                )
+                return CampaignSend("unknown_customer")
+            accepted = _accept_one(conn, event, now)
+            conn.execute(
+                "UPDATE campaign_recipients SET status = 'sent', conversation_id = ?, "
+                "event_id = ?, sent_at = ?, updated_at = ? WHERE campaign_id = ? "
+                "AND customer_id = ?",
+                (
+                    accepted.conversation_id,
+                    accepted.event_id,
+                    _ts(now),
+                    _ts(now),
+                    campaign_id,
+                    customer_id,
+                ),
+            )
+            return CampaignSend("sent", accepted)
+
+        return await self._write(run)
+
+    async def campaign_skip(
+        self, campaign_id: str, customer_id: str, reason: str, now: datetime
+    ) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "UPDATE campaign_recipients SET status = 'skipped', reason = ?, "
+                    "updated_at = ? WHERE campaign_id = ? AND customer_id = ? "
+                    "AND status = 'pending'",
+                    (reason, _ts(now), campaign_id, customer_id),
+                ).rowcount
+            )
+
+        return await self._write(run)
+
+    async def campaign_outcomes(self, outcomes: Sequence[CampaignOutcome], now: datetime) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            changed = 0
+            for outcome in outcomes:
+                sql, args = _outcome_update(outcome, now, "?")
+                changed += conn.execute(sql, args).rowcount
+            return changed
+
+        return await self._write(run)
+
+    async def campaign_recipients(
+        self,
+        campaign_id: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        after: int | None = None,
+    ) -> list[CampaignRecipient]:
+        def run(conn: sqlite3.Connection) -> list[CampaignRecipient]:
+            sql = "SELECT * FROM campaign_recipients WHERE campaign_id = ?"
+            args: list[Any] = [campaign_id]
+            if status is not None:
+                sql += " AND status = ?"
+                args.append(status)
+            if after is not None:
+                sql += " AND position > ?"
+                args.append(after)
+            rows = conn.execute(sql + " ORDER BY position LIMIT ?", (*args, limit)).fetchall()
+            return [_recipient_from_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def add_opt_out(self, customer_id: str, source: str, now: datetime) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "INSERT OR IGNORE INTO campaign_opt_outs (customer_id, source, created_at) "
+                    "VALUES (?, ?, ?)",
+                    (customer_id, source, _ts(now)),
+                ).rowcount
+            )
+
+        return await self._write(run)
+
+    async def remove_opt_out(self, customer_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            return bool(
+                conn.execute(
+                    "DELETE FROM campaign_opt_outs WHERE customer_id = ?", (customer_id,)
+                ).rowcount
+            )
+
+        return await self._write(run)
+
+    async def opt_outs(self, *, limit: int = 50, after: str | None = None) -> list[OptOut]:
+        def run(conn: sqlite3.Connection) -> list[OptOut]:
+            rows = conn.execute(
+                "SELECT * FROM campaign_opt_outs WHERE customer_id > ? "
+                "ORDER BY customer_id LIMIT ?",
+                (after or "", limit),
+            ).fetchall()
+            return [OptOut(r["customer_id"], r["source"], _dt(r["created_at"])) for r in rows]
+
+        return await self._read(run)
+
+
+# campaigns (run on the reader or the writer thread) -----------------------------------------
+def _campaign_from_row(row: sqlite3.Row) -> CampaignRecord:
+    return CampaignRecord(
+        id=row["id"],
+        name=row["name"],
+        owner=row["owner"],
+        channel=row["channel"],
+        endpoint=row["endpoint"],
+        template=json.loads(row["template"]),
+        text=row["text"],
+        audience=json.loads(row["audience"]),
+        rate=row["rate"],
+        starts_at=_dt(row["starts_at"]) if row["starts_at"] is not None else None,
+        ends_at=_dt(row["ends_at"]) if row["ends_at"] is not None else None,
+        hours_from=row["hours_from"],
+        hours_to=row["hours_to"],
+        status=row["status"],
+        recipients=row["recipients"],
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"]),
+        finished_at=_dt(row["finished_at"]) if row["finished_at"] is not None else None,
+    )
+
+
+def _campaign(conn: sqlite3.Connection, campaign_id: str) -> CampaignRecord | None:
+    row = conn.execute("SELECT * FROM campaigns WHERE id = ?", (campaign_id,)).fetchone()
+    return _campaign_from_row(row) if row else None
+
+
+def _recipient_from_row(row: sqlite3.Row) -> CampaignRecipient:
+    def at(column: str) -> datetime | None:
+        return _dt(row[column]) if row[column] is not None else None
+
+    return CampaignRecipient(
+        campaign_id=row["campaign_id"],
+        customer_id=row["customer_id"],
+        position=row["position"],
+        params=json.loads(row["params"]),
+        status=row["status"],
+        reason=row["reason"],
+        conversation_id=row["conversation_id"],
+        event_id=row["event_id"],
+        sent_at=at("sent_at"),
+        delivered_at=at("delivered_at"),
+        read_at=at("read_at"),
+        replied_at=at("replied_at"),
+        failed_at=at("failed_at"),
+    )
+
+
+def _campaign_identity(
+    conn: sqlite3.Connection, customer_id: str, event: NewEvent, now: datetime
+) -> bool:
+    """The customer (False if gone) gets the channel identity a campaign writes to when
+    nobody has it yet, so the conversation, and every reply, is the customer's."""
+    if not conn.execute(
+        "SELECT 1 FROM customers WHERE id = ? AND deleted_at IS NULL", (customer_id,)
+    ).fetchone():
+        return False
+    assert event.channel is not None and event.identity is not None
+    ident = channel_identity(event.channel, event.identity)
+    added = conn.execute(
+        "INSERT OR IGNORE INTO identities (kind, value, customer_id, created_at) "
+        "VALUES (?, ?, ?, ?)",
+        (ident.kind, ident.value, customer_id, _ts(now)),
+    ).rowcount
+    if added:
+        conn.execute(
+            "UPDATE customers SET version = version + 1, updated_at = ? WHERE id = ?",
+            (_ts(now), customer_id),
+        )
+    return True
+
+
+def _first_of_each(
+    recipients: Sequence[tuple[str, Mapping[str, Any]]],
+) -> list[tuple[str, Mapping[str, Any]]]:
+    """One entry per customer: the first, in audience order."""
+    first: dict[str, Mapping[str, Any]] = {}
+    for customer_id, params in recipients:
+        first.setdefault(customer_id, params)
+    return list(first.items())
+
+
+# Where each outcome may move a recipient from (it never moves one back: a read message is
+# not "delivered" again, a reply stays a reply).
+_OUTCOME_FROM: dict[str, tuple[str, ...]] = {
+    "delivered": ("sent",),
+    "read": ("sent", "delivered"),
+    "failed": ("sent", "delivered", "failed"),
+    "replied": ("sent", "delivered", "read", "failed"),
+}
+
+
+def _outcome_update(outcome: CampaignOutcome, now: datetime, mark: str) -> tuple[str, list[Any]]:
+    """The UPDATE applying one outcome, for SQLite (``mark`` ``?``) and PostgreSQL (``$``).
+
+    The time column is set once (the first report wins) even when the status stays; every
+    expression sees the row as it was before the statement."""
+    args: list[Any] = []
+
+    def p(value: Any) -> str:
+        args.append(value)
+        return "?" if mark == "?" else f"${len(args)}"
+
+    if outcome.kind == "moved":
+        sql = f"UPDATE campaign_recipients SET conversation_id = {p(outcome.conversation_id)}, "
+        sql += f"event_id = {p(outcome.event_id)}, updated_at = {p(_ts(now))} "
+        sql += f"WHERE campaign_id = {p(outcome.campaign_id)} "
+        sql += f"AND customer_id = {p(outcome.customer_id)}"
+        return sql, args
+    movable = f"status IN ({', '.join(repr(s) for s in _OUTCOME_FROM[outcome.kind])})"
+    column = f"{outcome.kind}_at"
+    sql = f"UPDATE campaign_recipients SET {column} = COALESCE({column}, {p(_ts(outcome.at))}), "
+    sql += f"status = CASE WHEN {movable} THEN {p(outcome.kind)} ELSE status END, "
+    if outcome.kind == "failed":
+        sql += f"reason = CASE WHEN {movable} THEN {p(outcome.reason)} ELSE reason END, "
+    elif outcome.kind == "replied":
+        sql += "reason = NULL, "
+    sql += f"updated_at = {p(_ts(now))} WHERE status <> 'skipped' AND "
+    if outcome.kind == "replied":
+        sql += f"campaign_id = {p(outcome.campaign_id)} "
+        sql += f"AND conversation_id = {p(outcome.conversation_id)}"
+    else:
+        sql += f"event_id = {p(outcome.event_id)}"
+    return sql, args
+
 
 # apps (run on the reader or the writer thread) ----------------------------------------------
 def _app_from_row(row: sqlite3.Row) -> AppRecord:
@@ -1536,7 +1946,9 @@ def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) ->
             conversation_id=conv_id,
             data={
                 "channel": ev.channel,
-                "direction": "outbound" if ev.type == "agent.outbound" else "inbound",
+                "direction": "outbound"
+                if ev.type in ("agent.outbound", "campaign.message")
+                else "inbound",
             },
         ),
         now,
@@ -1934,6 +2346,10 @@ def _erase(conn: sqlite3.Connection, customer_id: str, now: datetime, marker: st
             (identity, json.dumps(data, separators=(",", ":")), conv["id"]),
         )
     conn.execute("DELETE FROM identities WHERE customer_id = ?", (customer_id,))
+    # literal campaign parameters given for the customer (an order number, a name...)
+    conn.execute(
+        "UPDATE campaign_recipients SET params = '{}' WHERE customer_id = ?", (customer_id,)
+    )
     conn.execute(
         "DELETE FROM idempotency_keys WHERE response LIKE ?", (f'%"id": "{customer_id}"%',)
     )

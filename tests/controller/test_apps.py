@@ -288,6 +288,8 @@ def _fill(path: str, conversation_id: str) -> str:
         conversation_id=conversation_id,
         subscription_id="sb_unknown",
         delivery_id="ev_unknown:0",
+        campaign_id="cp_unknown",
+        customer_id="cu_unknown",
     )
 
 

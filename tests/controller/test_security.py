@@ -26,6 +26,7 @@ WRITERS = {ADMIN, CRM}
 CONV = "/api/v1/conversations/{conversation_id}"
 APPS_ME = "/api/v1/apps/me"
 APP_ADMIN = "/api/v1/apps/{app_id}"
+CAMPAIGNS = "/api/v1/campaigns"
 
 ACCESS: dict[tuple[str, str], set[str]] = {
     ("GET", "/"): {PUBLIC},
@@ -98,6 +99,17 @@ ACCESS: dict[tuple[str, str], set[str]] = {
     ("POST", APPS_ME + "/conversations/{conversation_id}/messages"): {APP},
     ("PUT", APPS_ME + "/conversations/{conversation_id}/attributes"): {APP},
     ("POST", APPS_ME + "/conversations/{conversation_id}/events"): {APP},
+    # outbound campaigns: an admin, or an app with campaigns:run
+    ("POST", CAMPAIGNS): {ADMIN, APP},
+    ("GET", CAMPAIGNS): {ADMIN, APP},
+    ("GET", CAMPAIGNS + "/{campaign_id}"): {ADMIN, APP},
+    ("GET", CAMPAIGNS + "/{campaign_id}/recipients"): {ADMIN, APP},
+    ("POST", CAMPAIGNS + "/{campaign_id}/pause"): {ADMIN, APP},
+    ("POST", CAMPAIGNS + "/{campaign_id}/resume"): {ADMIN, APP},
+    ("POST", CAMPAIGNS + "/{campaign_id}/cancel"): {ADMIN, APP},
+    ("GET", CAMPAIGNS + "/opt-outs"): {ADMIN, APP},
+    ("POST", CAMPAIGNS + "/opt-outs"): {ADMIN, APP},
+    ("DELETE", CAMPAIGNS + "/opt-outs/{customer_id}"): {ADMIN, APP},
 }
 # Refusals by the authentication itself (anything else means it let the caller through).
 ROLE_REFUSALS = {"wrong_role", "not_an_app", "missing_scope"}

@@ -11,6 +11,7 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from controller.store.base import (
     AgentRecord,
     AppRecord,
     AppSubscription,
+    CampaignOutcome,
+    CampaignRecord,
     CustomerQuery,
     CustomerRecord,
     DecisionRecord,
@@ -922,6 +925,209 @@ async def test_provider_message_ids(store: Store) -> None:
     assert found is not None and (found.conversation_id, found.message_id) == ("cv_1", "msg_1")
     assert found.sent_at == T0
     assert await store.provider_message("other", "wamid.1") is None
+
+
+# campaigns ------------------------------------------------------------------------------------
+def _campaign(campaign_id: str = "cp_1", status: str = "running") -> CampaignRecord:
+    return CampaignRecord(
+        id=campaign_id,
+        name="Spring sale",
+        owner="admin",
+        channel="whatsapp",
+        endpoint="106540352242922",
+        template={"name": "spring_sale", "language": "en", "parameters": ["{{ params.code }}"]},
+        text=None,
+        audience={"customer_ids": 3},
+        rate=5.0,
+        starts_at=None,
+        ends_at=T0 + timedelta(days=1),
+        hours_from="09:00",
+        hours_to="18:00",
+        status=status,
+        recipients=0,
+        created_at=T0,
+        updated_at=T0,
+    )
+
+
+def _campaign_message(campaign_id: str, customer_id: str, wa_id: str) -> NewEvent:
+    return NewEvent(
+        type="campaign.message",
+        source="campaign",
+        dedupe_key=f"campaign:{campaign_id}:{customer_id}",
+        channel="whatsapp",
+        instance="whatsapp",
+        endpoint="106540352242922",
+        identity=wa_id,
+        data={"campaign_id": campaign_id, "customer_id": customer_id, "text": "Spring!"},
+    )
+
+
+async def test_campaign_recipients_are_one_per_customer(store: Store) -> None:
+    created, fresh = await store.create_campaign(
+        _campaign(),
+        [("cu_a", {"code": "A"}), ("cu_b", {}), ("cu_a", {"code": "again"}), ("cu_c", {})],
+    )
+    assert fresh and created.recipients == 3
+    assert created == replace(_campaign(), recipients=3)
+    assert await store.campaign("cp_1") == created
+    assert await store.campaign("cp_missing") is None
+    listed = await store.campaign_recipients("cp_1")
+    assert [(r.customer_id, r.position, r.params) for r in listed] == [
+        ("cu_a", 1, {"code": "A"}),
+        ("cu_b", 2, {}),
+        ("cu_c", 3, {}),
+    ]
+    assert all(r.status == "pending" and r.sent_at is None for r in listed)
+    assert await store.campaign_counts("cp_1") == {"pending": 3}
+    page = await store.campaign_recipients("cp_1", limit=1, after=1)
+    assert [r.customer_id for r in page] == ["cu_b"]
+    # an idempotency key answers the first campaign again, and refuses another request
+    key = IdempotencyKey("admin:admin POST /api/v1/campaigns", "k1", "hash-1")
+    first, fresh = await store.create_campaign(_campaign("cp_2"), [("cu_a", {})], key)
+    again, fresh_again = await store.create_campaign(_campaign("cp_3"), [("cu_b", {})], key)
+    assert fresh and not fresh_again and again.id == first.id == "cp_2"
+    assert await store.campaign("cp_3") is None
+    with pytest.raises(RequestError):
+        await store.create_campaign(
+            _campaign("cp_4"), [], IdempotencyKey(key.scope, "k1", "hash-2")
+        )
+    # newest first, by owner and status, in pages
+    assert [c.id for c in await store.campaigns()] == ["cp_2", "cp_1"]
+    assert [c.id for c in await store.campaigns(before="cp_2")] == ["cp_1"]
+    assert await store.campaigns(owner="ap_other") == []
+    assert [c.id for c in await store.campaigns(statuses=["running"], limit=1)] == ["cp_2"]
+
+
+async def test_a_campaign_send_is_one_transaction(store: Store) -> None:
+    ana = await store.create_customer({"name": "Ana", "phone": "+351910000001"}, [], T0)
+    ben = await store.create_customer({"name": "Ben", "phone": "+351910000002"}, [], T0)
+    assert isinstance(ana, CustomerRecord) and isinstance(ben, CustomerRecord)
+    await store.create_campaign(_campaign(), [(ana.id, {}), (ben.id, {}), ("cu_gone", {})])
+    batch = await store.campaign_batch("cp_1", 10)
+    assert [(w.recipient.customer_id, w.customer) for w in batch] == [
+        (ana.id, ana),
+        (ben.id, ben),
+        ("cu_gone", None),
+    ]
+    event = _campaign_message("cp_1", ana.id, "351910000001")
+    sent = await store.campaign_send("cp_1", ana.id, event, T0)
+    assert sent.outcome == "sent" and sent.accepted is not None
+    assert not sent.accepted.duplicate
+    # the event opened the conversation of the customer's WhatsApp identity, as outbound
+    events = [e for e, _ in await store.events(sent.accepted.conversation_id)]
+    assert [e.type for e in events] == ["conversation.created", "campaign.message"]
+    assert events[0].data["direction"] == "outbound"
+    conv = await store.load_conversation(sent.accepted.conversation_id)
+    assert conv is not None and conv.customer_id == ana.id
+    # the number the campaign wrote to is the customer's WhatsApp identity from now on
+    found = await store.lookup_customer(Identity("whatsapp", "+351910000001"))
+    assert found is not None and found.id == ana.id and found.version == ana.version + 1
+    [row] = await store.campaign_recipients("cp_1", status="sent")
+    assert row.customer_id == ana.id and row.sent_at == T0
+    assert (row.conversation_id, row.event_id) == (
+        sent.accepted.conversation_id,
+        sent.accepted.event_id,
+    )
+    # never twice
+    assert (await store.campaign_send("cp_1", ana.id, event, T0)).outcome == "not_pending"
+    assert [w.recipient.customer_id for w in await store.campaign_batch("cp_1", 10)] == [
+        ben.id,
+        "cu_gone",
+    ]
+    # opted out at send time: skipped, nothing stored
+    assert await store.add_opt_out(ben.id, "admin", T0)
+    assert not await store.add_opt_out(ben.id, "admin", T0)
+    assert [o.customer_id for o in await store.opt_outs()] == [ben.id]
+    ben_event = _campaign_message("cp_1", ben.id, "351910000002")
+    assert (await store.campaign_send("cp_1", ben.id, ben_event, T0)).outcome == "opted_out"
+    assert await store.latest_conversation_id("whatsapp", "106540352242922", "351910000002") is None
+    assert await store.remove_opt_out(ben.id) and not await store.remove_opt_out(ben.id)
+    assert await store.campaign_skip("cp_1", "cu_gone", "unknown_customer", T0)
+    assert not await store.campaign_skip("cp_1", "cu_gone", "unknown_customer", T0)
+    counts = await store.campaign_counts("cp_1")
+    assert counts == {"sent": 1, "skipped": 2}
+    skipped = await store.campaign_recipients("cp_1", status="skipped")
+    assert [(r.customer_id, r.reason) for r in skipped] == [
+        (ben.id, "opted_out"),
+        ("cu_gone", "unknown_customer"),
+    ]
+
+
+async def test_campaign_status_moves_and_sends_stop_with_it(store: Store) -> None:
+    ana = await store.create_customer({"phone": "+351910000001"}, [], T0)
+    assert isinstance(ana, CustomerRecord)
+    await store.create_campaign(_campaign(), [(ana.id, {}), ("cu_b", {}), ("cu_c", {})])
+    paused = await store.set_campaign_status(
+        "cp_1", "paused", allowed_from=("running", "scheduled"), now=T0
+    )
+    assert paused is not None and paused.status == "paused" and paused.finished_at is None
+    event = _campaign_message("cp_1", ana.id, "351910000001")
+    assert (await store.campaign_send("cp_1", ana.id, event, T0)).outcome == "not_running"
+    assert (
+        await store.set_campaign_status("cp_1", "paused", allowed_from=("running",), now=T0) is None
+    )
+    later = T0 + timedelta(minutes=5)
+    cancelled = await store.set_campaign_status(
+        "cp_1", "cancelled", allowed_from=("paused",), now=later, skip_pending="cancelled"
+    )
+    assert cancelled is not None and cancelled.finished_at == later
+    assert await store.campaign_counts("cp_1") == {"skipped": 3}
+    assert {r.reason for r in await store.campaign_recipients("cp_1")} == {"cancelled"}
+    with pytest.raises(NotFound):
+        await store.set_campaign_status("cp_missing", "paused", allowed_from=("running",), now=T0)
+
+
+async def test_campaign_outcomes_never_move_a_recipient_back(store: Store) -> None:
+    people = []
+    for n in range(3):
+        made = await store.create_customer({"phone": f"+35191000000{n}"}, [], T0)
+        assert isinstance(made, CustomerRecord)
+        people.append(made)
+    await store.create_campaign(_campaign(), [(p.id, {}) for p in people])
+    sent = {}
+    for n, person in enumerate(people):
+        event = _campaign_message("cp_1", person.id, f"35191000000{n}")
+        result = await store.campaign_send("cp_1", person.id, event, T0)
+        assert result.accepted is not None
+        sent[person.id] = result.accepted
+    a, b, c = (sent[p.id] for p in people)
+    t1, t2, t3 = (T0 + timedelta(seconds=s) for s in (1, 2, 3))
+    changed = await store.campaign_outcomes(
+        [
+            CampaignOutcome("delivered", t1, event_id=a.event_id),
+            CampaignOutcome("read", t2, event_id=a.event_id),
+            CampaignOutcome("delivered", t3, event_id=a.event_id),  # late: stays read
+            CampaignOutcome("failed", t1, event_id=b.event_id, reason="invalid_recipient"),
+            CampaignOutcome("replied", t2, campaign_id="cp_1", conversation_id=c.conversation_id),
+            CampaignOutcome("read", t3, event_id=c.event_id),  # after the reply: read_at only
+            CampaignOutcome("delivered", t1, event_id="ev_unknown"),
+        ],
+        T0,
+    )
+    assert changed == 6
+    rows = {r.customer_id: r for r in await store.campaign_recipients("cp_1")}
+    ra, rb, rc = (rows[p.id] for p in people)
+    assert (ra.status, ra.delivered_at, ra.read_at) == ("read", t1, t2)
+    assert (rb.status, rb.reason, rb.failed_at) == ("failed", "invalid_recipient", t1)
+    assert (rc.status, rc.replied_at, rc.read_at) == ("replied", t2, t3)
+    assert await store.campaign_counts("cp_1") == {"read": 1, "failed": 1, "replied": 1}
+    # a message that moved to a new conversation is followed there
+    await store.campaign_outcomes(
+        [
+            CampaignOutcome(
+                "moved",
+                t3,
+                event_id="ev_new",
+                campaign_id="cp_1",
+                customer_id=people[1].id,
+                conversation_id="cv_new",
+            )
+        ],
+        T0,
+    )
+    moved = {r.customer_id: r for r in await store.campaign_recipients("cp_1")}[people[1].id]
+    assert (moved.conversation_id, moved.event_id) == ("cv_new", "ev_new")
 
 
 # PostgreSQL only ------------------------------------------------------------------------------
