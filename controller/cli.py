@@ -92,11 +92,13 @@ def _serve(settings: Settings) -> int:
     app = create_app(settings)
     if settings.profile == "dev":
         base = f"http://{settings.host}:{settings.port}"
+        # The agent token belongs to the first configured agent (the demo's alice otherwise).
+        first_agent = settings.agents[0].id if settings.agents else "alice"
         print(
             f"convctl (dev profile) on {base}\n"
             f"  web chat:    {base}/webchat\n"
             f"  admin token: {settings.admin_token}\n"
-            f"  agent token: {settings.agent_token} (agent 'alice')\n"
+            f"  agent token: {settings.agent_token} (agent '{first_agent}')\n"
             f"  secrets are kept in {settings.data_dir / 'secrets.json'}"
             + (" (just generated)" if generated else ""),
             file=sys.stderr,
