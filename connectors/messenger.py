@@ -10,11 +10,9 @@ seen (and, if enabled, shown typing) with sender actions, in the background. Wir
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -40,7 +38,6 @@ from connectors.meta import (
     unknown_endpoint,
 )
 from controller.errors import ChannelSendError
-from controller.metrics import Metrics
 from controller.models import NewEvent
 
 log = structlog.get_logger(__name__)
@@ -192,24 +189,6 @@ class MessengerChannel(MetaChannel[_Item]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pages = {p.page_id: p for p in self.settings.pages}
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Outcomes of background work: seen_sent / seen_failed, typing_sent / typing_failed.
-        self.stats: Counter[str] = Counter()
-
-    async def stop(self) -> None:
-        """Give background sender actions a moment, then cancel what is left."""
-        tasks = list(self._tasks)
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=5.0)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-    async def idle(self) -> None:
-        """Wait until no background work is running (tests, benchmarks)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # inbound ---------------------------------------------------------------------------
     def _items(self, entries: list[dict[str, Any]]) -> list[_Item]:
@@ -386,17 +365,6 @@ class MessengerChannel(MetaChannel[_Item]):
                 customers[(ev.endpoint, ev.identity)] = None
         for page_id, psid in customers:
             self._spawn(self._sender_actions(page_id, psid, actions))
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _count(self, what: str) -> None:
-        self.stats[what] += 1
-        metrics = self.context.service.get("metrics")
-        if isinstance(metrics, Metrics):
-            metrics.channel_background.labels(self.channel, what).inc()
 
     async def _sender_actions(self, page_id: str, psid: str, actions: list[str]) -> None:
         """Send the sender actions in order, each alone in its body; a failure is logged and

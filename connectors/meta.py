@@ -7,12 +7,13 @@ outbound pieces both use: media, long texts cut into parts, parts sent once per 
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 import hmac
 import json
 import re
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
@@ -31,6 +32,7 @@ from pydantic import (
 
 from connectors.base import Channel, ConnectorSettings, OutboundMessage, read_body
 from controller.errors import ChannelSendError, Conflict, Forbidden, RequestError, WebhookAuthError
+from controller.metrics import Metrics
 from controller.models import NewEvent
 from controller.settings import is_placeholder
 
@@ -332,8 +334,38 @@ class MetaChannel(Channel, Generic[ItemT]):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Work after the commit (read receipts, sender actions, media downloads): kept so
+        # that stop() can finish it; its outcomes are counted in ``stats`` and the metrics.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats: Counter[str] = Counter()
         self._source = f"{self.channel}:{self.name}"
         self._sent_parts: OrderedDict[str, str | None] = OrderedDict()
+
+    async def stop(self) -> None:
+        """Give background work a moment, then cancel what is left."""
+        tasks = list(self._tasks)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=5.0)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def idle(self) -> None:
+        """Wait until no background work is running (tests, benchmarks)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _count(self, what: str) -> None:
+        self.stats[what] += 1
+        metrics = self.context.service.get("metrics")
+        if isinstance(metrics, Metrics):
+            metrics.channel_background.labels(self.channel, what).inc()
 
     def routes(self) -> list[web.RouteDef]:
         path = f"/webhooks/{self.name}"

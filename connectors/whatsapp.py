@@ -14,8 +14,7 @@ import hashlib
 import json
 import os
 import re
-from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,7 +43,6 @@ from connectors.meta import (
     unknown_endpoint,
 )
 from controller.errors import ChannelSendError, ConnectorError
-from controller.metrics import Metrics
 from controller.models import NewEvent
 
 log = structlog.get_logger(__name__)
@@ -282,25 +280,7 @@ class WhatsAppChannel(MetaChannel[_Value]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._endpoints = {e.phone_number_id: e for e in self.settings.endpoints}
-        self._tasks: set[asyncio.Task[None]] = set()
         self._media_slots = asyncio.Semaphore(MEDIA_DOWNLOADS_AT_ONCE)
-        # Outcomes of background work: media downloaded / failed / refused, reads sent / failed.
-        self.stats: Counter[str] = Counter()
-
-    async def stop(self) -> None:
-        """Give background work (reads, media) a moment, then cancel what is left."""
-        tasks = list(self._tasks)
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=5.0)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-    async def idle(self) -> None:
-        """Wait until no background work is running (tests, benchmarks)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # inbound ---------------------------------------------------------------------------
     def _items(self, entries: list[dict[str, Any]]) -> list[_Value]:
@@ -662,17 +642,6 @@ class WhatsAppChannel(MetaChannel[_Value]):
         if self.settings.mark_read:
             for (endpoint, _), wamid in latest.items():
                 self._spawn(self._mark_read(endpoint, wamid))
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _count(self, what: str) -> None:
-        self.stats[what] += 1
-        metrics = self.context.service.get("metrics")
-        if isinstance(metrics, Metrics):
-            metrics.channel_background.labels(self.channel, what).inc()
 
     async def _mark_read(self, endpoint: str, wamid: str) -> None:
         """Mark ``wamid`` (and so every earlier message) read; one retry, failures logged."""

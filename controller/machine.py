@@ -249,11 +249,13 @@ class Decider:
             self._customer_present(w, True)
             conv.last_customer_message_at = w.now
             text = str(data.get("text", ""))
-            self._transcript(w, "customer", conv.customer_id, text)
+            msg = self._transcript(w, "customer", conv.customer_id, text)
             for p in conv.participants:
                 if p.role == "bot":
                     self._ask_bot(w, p)
-            self._to_agents(w, "message", "customer", conv.customer_id, text, message_id=None)
+            # The desk frame carries the transcript's id, so a desk loading the history while
+            # this frame arrives shows the message once.
+            self._to_agents(w, "message", "customer", conv.customer_id, text, message_id=msg.id)
         elif kind == "customer.disconnected":
             self._customer_present(w, False)
         elif kind == "customer.returned":

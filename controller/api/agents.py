@@ -20,7 +20,7 @@ import structlog
 from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from controller.api.common import Principal, authenticate, read_json, request_hash
+from controller.api.common import Principal, authenticate, read_json, request_hash, submit_once
 from controller.errors import Conflict, ConvctlError, Forbidden, NotFound, RequestError
 from controller.ids import new_id
 from controller.keys import DESK, INBOX, METRICS, ROUTER, STORE
@@ -158,16 +158,7 @@ async def run_command(
         conversation_id=conv.id,
         data=data,
     )
-    accepted = (await app[INBOX].submit([event]))[0]
-    if accepted.duplicate:
-        original = await app[STORE].event(accepted.event_id)
-        if original is not None and original.data.get("request_hash") != data["request_hash"]:
-            raise RequestError(
-                "this idempotency key was used with a different request",
-                code="idempotency_key_reused",
-                status=422,
-            )
-    return _accepted(accepted)
+    return _accepted(await submit_once(app, event))
 
 
 def _accepted(a: Accepted) -> dict[str, Any]:

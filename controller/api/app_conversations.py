@@ -15,11 +15,11 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.api.apps import route_scope
-from controller.api.common import read_json, request_hash
+from controller.api.common import accepted_response, read_json, request_hash, submit_once
 from controller.apps import require_scope
 from controller.errors import Conflict, Forbidden, NotFound, RequestError
 from controller.ids import new_id
-from controller.keys import APPS, INBOX, STORE
+from controller.keys import APPS, STORE
 from controller.models import Conversation, NewEvent
 
 BASE = "/api/v1/apps/me/conversations/{conversation_id}"
@@ -89,24 +89,7 @@ async def _submit(
         conversation_id=conv.id,
         data=data,
     )
-    accepted = (await request.app[INBOX].submit([event]))[0]
-    if accepted.duplicate:
-        original = await request.app[STORE].event(accepted.event_id)
-        if original is not None and original.data.get("request_hash") != data["request_hash"]:
-            raise RequestError(
-                "this idempotency key was used with a different request",
-                code="idempotency_key_reused",
-                status=422,
-            )
-    return web.json_response(
-        {
-            "event_id": accepted.event_id,
-            "conversation_id": accepted.conversation_id,
-            "seq": accepted.seq,
-            "duplicate": accepted.duplicate,
-        },
-        status=200 if accepted.duplicate else 202,
-    )
+    return accepted_response(await submit_once(request.app, event))
 
 
 class _Hashable(BaseModel):

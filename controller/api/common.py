@@ -13,7 +13,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from controller.errors import ConvctlError, Forbidden, RequestError, Unauthorized
-from controller.keys import METRICS, STORE
+from controller.keys import INBOX, METRICS, STORE
+from controller.models import NewEvent
+from controller.store.base import Accepted
 
 log = structlog.get_logger(__name__)
 
@@ -109,6 +111,36 @@ async def authenticate(request: web.Request, *roles: str, token: str | None = No
     if roles and principal.role not in roles:
         raise Forbidden(f"this route needs the role {' or '.join(roles)}", code="wrong_role")
     return principal
+
+
+async def submit_once(app: web.Application, event: NewEvent) -> Accepted:
+    """Store a write's event; a retry with the same key returns the original, and the same
+    key with another body (its ``request_hash`` in the data) is a 422."""
+    accepted = (await app[INBOX].submit([event]))[0]
+    if accepted.duplicate:
+        original = await app[STORE].event(accepted.event_id)
+        if original is not None and original.data.get("request_hash") != event.data.get(
+            "request_hash"
+        ):
+            raise RequestError(
+                "this idempotency key was used with a different request",
+                code="idempotency_key_reused",
+                status=422,
+            )
+    return accepted
+
+
+def accepted_response(accepted: Accepted) -> web.Response:
+    """202 with the stored event, or 200 for a retry that changed nothing."""
+    return web.json_response(
+        {
+            "event_id": accepted.event_id,
+            "conversation_id": accepted.conversation_id,
+            "seq": accepted.seq,
+            "duplicate": accepted.duplicate,
+        },
+        status=200 if accepted.duplicate else 202,
+    )
 
 
 def request_hash(body: BaseModel) -> str:

@@ -16,10 +16,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from controller.api.agents import agent_principal, http_idempotency_key
-from controller.api.common import read_json, request_hash
+from controller.api.common import accepted_response, read_json, request_hash, submit_once
 from controller.errors import Conflict, NotFound, RequestError
 from controller.ids import new_id
-from controller.keys import CHANNELS, INBOX, STORE
+from controller.keys import CHANNELS, STORE
 from controller.models import NewEvent
 from controller.models.actions import MessageTemplate
 from controller.store.base import channel_identity
@@ -125,24 +125,7 @@ async def start_conversation(request: web.Request) -> web.Response:
         identity=identity,
         data=data,
     )
-    accepted = (await app[INBOX].submit([event]))[0]
-    if accepted.duplicate:
-        original = await store.event(accepted.event_id)
-        if original is not None and original.data.get("request_hash") != data["request_hash"]:
-            raise RequestError(
-                "this idempotency key was used with a different request",
-                code="idempotency_key_reused",
-                status=422,
-            )
-    return web.json_response(
-        {
-            "conversation_id": accepted.conversation_id,
-            "event_id": accepted.event_id,
-            "seq": accepted.seq,
-            "duplicate": accepted.duplicate,
-        },
-        status=200 if accepted.duplicate else 202,
-    )
+    return accepted_response(await submit_once(app, event))
 
 
 def routes() -> list[web.RouteDef]:

@@ -66,13 +66,16 @@ class BackgroundService:
                 },
             ),
         ]
-        self.svc = Service(settings_for_tests(tmp, connectors=connectors))
+        # Sends fail at once (nothing listens on :9), so the service goes quiet quickly.
+        self.svc = Service(settings_for_tests(tmp, connectors=connectors, outbox_max_attempts=1))
         self.run(self.svc.start())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
 
     def stored(self) -> int:
+        """Events stored, once the work of earlier requests is done (it stores events too)."""
+        self.run(self.svc.settle())
         return self.run(self.svc.store.count("events"))
 
     def post(self, path: str, body: bytes, signature: str | None) -> int:
@@ -216,9 +219,11 @@ def test_unsigned_or_badly_signed_bodies_store_nothing(
 ) -> None:
     body = json.dumps(payload).encode()
     assume(signature is None or signature != sign(body))
+    # What an HTTP client can send at all: latin-1, no line breaks (else: no header).
+    sendable = signature is not None and not any(c in signature for c in "\r\n")
     try:
-        signature_header = signature.encode("latin-1").decode("latin-1") if signature else None
-    except UnicodeEncodeError:
+        signature_header = signature.encode("latin-1").decode("latin-1") if sendable else None
+    except (UnicodeEncodeError, AttributeError):
         signature_header = None
     before = background.stored()
     status = background.post(path, body, signature_header)
