@@ -412,10 +412,15 @@ class Router:
                 },
             )
 
-    def _pick(self, waiting: _Waiting) -> _Agent | None:
+    def _with_room(self) -> list[_Agent]:
+        return [
+            a for a in self._agents.values() if a.presence == "available" and a.load < a.capacity
+        ]
+
+    def _pick(self, waiting: _Waiting, candidates: Iterable[_Agent]) -> _Agent | None:
         eligible = [
             a
-            for a in self._agents.values()
+            for a in candidates
             if a.presence == "available"
             and a.load < a.capacity
             and waiting.skills <= a.skills
@@ -435,11 +440,19 @@ class Router:
             (w for w in self._waiting.values() if w.offer_id is None),
             key=lambda w: (-w.priority, w.enqueued_at, w.conversation_id),
         )
+        # Only agents with room can take an offer: found once per pass (not once per waiting
+        # conversation, which cost a scan of every agent for every one of them), dropped
+        # when full; the pass ends early once nobody has room.
+        free = self._with_room()
         for waiting in order:
+            if not free:
+                free = self._with_room()  # agents may have become available meanwhile
+                if not free:
+                    break
             async with self._lock:
                 if waiting.offer_id is not None or waiting.conversation_id not in self._waiting:
                     continue
-                agent = self._pick(waiting)
+                agent = self._pick(waiting, free)
                 if agent is None:
                     continue
                 now = self._clock.now()
@@ -458,6 +471,8 @@ class Router:
                     continue
                 self._track_offer(offer)
                 self._metrics.offers.labels("offered").inc()
+                if agent.load >= agent.capacity:
+                    free.remove(agent)
             self._notify([result.conversation_id])
             if self._push is not None:
                 await self._push(agent.id, {"type": "offer", **self._offer_view(offer)})
