@@ -51,10 +51,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -171,90 +169,6 @@ def rasa_env(fake_url: str) -> dict[str, str]:
 
 
 # A: web chat visitors through the service ----------------------------------------------------
-class Visitor:
-    """One web chat visitor with at most one message out: ``ask`` returns the frame that
-    answered it (the bot's message; or a message of another sender, or an error frame)."""
-
-    def __init__(self, http: aiohttp.ClientSession, base_url: str, name: str) -> None:
-        self.http = http
-        self.base_url = base_url
-        self.name = name
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.acks = 0
-        self.counter = itertools.count()
-        self._waiting: asyncio.Future[dict[str, Any]] | None = None
-        self._history: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._reader: asyncio.Task[None] | None = None
-
-    async def connect(self) -> None:
-        async with self.http.post(self.base_url + "/webchat/session") as r:
-            if r.status != 200:
-                raise RuntimeError(f"session: {r.status} {await r.text()}")
-            token = (await r.json())["token"]
-        self.ws = await self.http.ws_connect(
-            f"{self.base_url}/webchat/ws?token={token}&connection={secrets.token_hex(6)}",
-            heartbeat=None,
-        )
-        self._reader = asyncio.create_task(self._read())
-        await asyncio.wait_for(self._history, 30)
-
-    async def _read(self) -> None:
-        assert self.ws is not None
-        async for msg in self.ws:
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
-            frame = json.loads(msg.data)
-            kind = frame.get("type")
-            if kind == "ack":
-                self.acks += 1
-            elif kind == "history" and not self._history.done():
-                self._history.set_result(None)
-            elif (kind == "error" or (kind == "message" and frame.get("from") != "customer")) and (
-                self._waiting is not None and not self._waiting.done()
-            ):
-                self._waiting.set_result(frame)
-
-    async def ask(self) -> bool:
-        """Send one message, wait for what answers it; True if the bot did."""
-        assert self.ws is not None
-        self._waiting = asyncio.get_running_loop().create_future()
-        cid = f"{self.name}-{next(self.counter)}"
-        await self.ws.send_str(json.dumps({"type": "message", "client_id": cid, "text": TEXT}))
-        try:
-            frame = await asyncio.wait_for(self._waiting, REPLY_TIMEOUT)
-        except TimeoutError:
-            raise RuntimeError(f"visitor {self.name}: no reply in {REPLY_TIMEOUT:.0f} s") from None
-        return frame.get("type") == "message" and frame.get("from") == "bot"
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-        if self._reader is not None:
-            await asyncio.gather(self._reader, return_exceptions=True)
-
-
-async def connect_all(http: aiohttp.ClientSession, base_url: str, k: int) -> list[Visitor]:
-    visitors = [Visitor(http, base_url, f"c{i}") for i in range(k)]
-    sem = asyncio.Semaphore(64)
-
-    async def one(v: Visitor) -> None:
-        async with sem:
-            await v.connect()
-
-    await asyncio.gather(*(one(v) for v in visitors))
-    return visitors
-
-
-async def close_all(visitors: list[Visitor], timeout: float = 3.0) -> None:
-    """Close the sockets together; a service that is gone (Ctrl-C reaches it too) does not
-    answer the close, so give up after ``timeout`` (leaving the session drops them)."""
-    try:
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*(v.close() for v in visitors), return_exceptions=True)
-    except TimeoutError:
-        print(f"web chat sockets not closed after {timeout:.0f} s; dropped", file=sys.stderr)
-
-
 # B: straight to the fake ---------------------------------------------------------------------
 def direct_caller(http: aiohttp.ClientSession, url: str, i: int) -> Callable[[], Awaitable[bool]]:
     """One client POSTing what the connector POSTs; True when the answer is the bot's."""
@@ -281,17 +195,6 @@ def direct_caller(http: aiohttp.ClientSession, url: str, i: int) -> Callable[[],
 
 
 # the closed loop (both targets) --------------------------------------------------------------
-def _self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (``/proc/stat``: all but idle and iowait)."""
-    with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
-    return busy / os.sysconf("SC_CLK_TCK")
 
 
 async def closed_loop(
@@ -311,8 +214,8 @@ async def closed_loop(
 
     def sample(into: dict[str, float]) -> None:
         into.update({name: C.cpu_seconds(pid) for name, pid in pids.items()})
-        into["loadgen"] = _self_cpu()
-        into["machine"] = _machine_busy_seconds()
+        into["loadgen"] = C.self_cpu()
+        into["machine"] = C.machine_busy_seconds()
 
     async def run(call: Callable[[], Awaitable[bool]]) -> None:
         while time.perf_counter() < window_end:
@@ -381,7 +284,9 @@ async def run_service(
     out: dict[str, Any] = {}
     pids = {"service": service.pid, "fake": fake.pid}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        visitors = await connect_all(http, service.base_url, args.clients)
+        visitors = await C.connect_all(
+            http, service.base_url, args.clients, text=TEXT, reply_timeout=REPLY_TIMEOUT
+        )
         try:
             calls: list[Callable[[], Awaitable[bool]]] = [v.ask for v in visitors]
             out["peak"] = await closed_loop(calls, pids, args.warmup, args.seconds)
@@ -394,7 +299,7 @@ async def run_service(
             await C.wait_quiet(service, timeout=args.drain_timeout, stable=2, interval=0.2)
             out["acks"] = sum(v.acks for v in visitors)
         finally:
-            await close_all(visitors)
+            await C.close_all(visitors)
     return out
 
 

@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import secrets
 import sqlite3
 import sys
@@ -239,9 +238,9 @@ async def closed_loop(
 
     async def sample_cpu() -> None:
         await asyncio.sleep(max(0.0, window_start - time.perf_counter()))
-        marks["srv0"], marks["me0"] = C.cpu_seconds(server_pid), _self_cpu()
+        marks["srv0"], marks["me0"] = C.cpu_seconds(server_pid), C.self_cpu()
         await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
-        marks["srv1"], marks["me1"] = C.cpu_seconds(server_pid), _self_cpu()
+        marks["srv1"], marks["me1"] = C.cpu_seconds(server_pid), C.self_cpu()
 
     await asyncio.gather(sample_cpu(), *(run(v) for v in visitors))
     return {
@@ -255,11 +254,6 @@ async def closed_loop(
         "server_cpu_pct": 100.0 * (marks["srv1"] - marks["srv0"]) / seconds,
         "loadgen_cpu_pct": 100.0 * (marks["me1"] - marks["me0"]) / seconds,
     }
-
-
-def _self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 async def open_loop(

@@ -482,18 +482,7 @@ def decile_rates(times: list[float], start: float) -> dict[str, float | None]:
     }
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (``/proc/stat``: all but idle and iowait)."""
-    with open("/proc/stat") as fh:
-        fields = [int(x) for x in fh.readline().split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
 # phases -------------------------------------------------------------------------------------
-def _self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def _ms(values: list[float]) -> dict[str, float | None]:
@@ -560,12 +549,12 @@ async def drain_phase(
 ) -> dict[str, Any]:
     """Every desk goes available at once; until ``expected`` offers arrived and were acked."""
     tally.phase = "drain"
-    cpu0, me0, all0 = C.cpu_seconds(pid), _self_cpu(), machine_busy_seconds()
+    cpu0, me0, all0 = C.cpu_seconds(pid), C.self_cpu(), C.machine_busy_seconds()
     t0 = time.time()
     presence_s = await set_presence(desks, "available", args.drain_timeout)
     complete = await wait_offers(tally, "drain", expected, args.drain_timeout)
     wall = time.time() - t0
-    cpu1, me1, all1 = C.cpu_seconds(pid), _self_cpu(), machine_busy_seconds()
+    cpu1, me1, all1 = C.cpu_seconds(pid), C.self_cpu(), C.machine_busy_seconds()
     offers = sorted(t for t, _, _, _ in tally.offers.get("drain", []))
     acks = sorted(tally.accepted.get("drain", []))
     server_cpu, loadgen_cpu = cpu1 - cpu0, me1 - me0
