@@ -124,6 +124,14 @@ def _content(data: dict[str, Any]) -> dict[str, Any] | None:
     return content or None
 
 
+def _template_content(template: Any, language: str) -> dict[str, Any] | None:
+    """Transcript content for a message sent as a WhatsApp template (an event's
+    ``template``); its language defaults to the conversation's."""
+    if not isinstance(template, dict):
+        return None
+    return {"template": {**template, "language": template.get("language") or language}}
+
+
 class Refused(Exception):
     """An action or event that the conversation's state does not allow."""
 
@@ -398,12 +406,7 @@ class Decider:
         if conv.state == "new":
             attributes.setdefault("direction", "outbound")
         conv.attributes = attributes
-        template = data.get("template")
-        content = None
-        if isinstance(template, dict):
-            content = {
-                "template": {**template, "language": template.get("language") or conv.language}
-            }
+        content = _template_content(data.get("template"), conv.language)
         text = str(data.get("text", ""))
         sender = f"campaign:{campaign}"
         msg = self._transcript(w, "controller", sender, text, content=content)
@@ -445,12 +448,7 @@ class Decider:
             self._add_agent(w, agent_id, primary=True)
             w.assigned.add(agent_id)
             conv.attributes = {**conv.attributes, "direction": "outbound"}
-        template = w.event.data.get("template")
-        content = None
-        if isinstance(template, dict):
-            content = {
-                "template": {**template, "language": template.get("language") or conv.language}
-            }
+        content = _template_content(w.event.data.get("template"), conv.language)
         msg = self._transcript(w, "agent", agent_id, text, content=content)
         self._to_customer(w, msg)
         self._to_agents(w, "message", "agent", agent_id, text, message_id=msg.id, exclude=agent_id)
@@ -605,11 +603,8 @@ class Decider:
                         {"id": b.payload or b.title, "title": b.title} for b in action.buttons
                     ]
                 if action.template is not None:
-                    content["template"] = {
-                        "name": action.template.name,
-                        "language": action.template.language or conv.language,
-                        "parameters": list(action.template.parameters),
-                    }
+                    template = action.template.model_dump(mode="json")
+                    content.update(_template_content(template, conv.language) or {})
                 msg = self._transcript(
                     w, "controller", "controller", action.text, content=content or None
                 )
