@@ -178,6 +178,13 @@ class Channel(Connector):
         Raises ChannelSendError(retryable=...) on failure.
         """
 
+    def status_hold(self, idempotency_key: str) -> float | None:
+        """Seconds the message sent under ``idempotency_key``, whose fate is unknown (claimed
+        when the process died, or a send that got no answer), waits for the provider's
+        delivery status before it is sent again; None: this channel's statuses cannot name
+        our messages, send it again; 0: a status already named it, ``send`` knows."""
+        return None
+
 
 class BotSettings(ConnectorSettings):
     """What every bot instance can tune: how long one answer may take, how often a failed

@@ -532,10 +532,14 @@ class MetaChannel(Channel, Generic[ItemT]):
                 continue
             provider_id = await send_one(body, key)
             if len(keys) > 1:
-                self._sent_parts[key] = provider_id
-                if len(self._sent_parts) > SENT_PARTS_KEPT:
-                    self._sent_parts.popitem(last=False)
+                self._remember_sent(key, provider_id)
         return provider_id
+
+    def _remember_sent(self, key: str, provider_id: str | None) -> None:
+        """Graph has the part sent under ``key``: a later send of it is skipped."""
+        self._sent_parts[key] = provider_id
+        if len(self._sent_parts) > SENT_PARTS_KEPT:
+            self._sent_parts.popitem(last=False)
 
     async def _graph_call(
         self,
@@ -560,7 +564,10 @@ class MetaChannel(Channel, Generic[ItemT]):
             text = f"provider_error: {type(exc).__name__}: {exc}"
             for secret in (params or {}).values():
                 text = text.replace(secret, "[redacted]") if secret else text
-            raise ChannelSendError(text, retryable=True) from exc
+            # Graph may have taken a request whose answer never came; one that never
+            # reached it (no connection) did not.
+            sent = not isinstance(exc, aiohttp.ClientConnectorError)
+            raise ChannelSendError(text, retryable=True, ambiguous=sent) from exc
         try:
             data = json.loads(raw) if raw else None
         except (ValueError, UnicodeDecodeError):

@@ -102,6 +102,10 @@ class WhatsAppSettings(MetaAppSettings):
     typing_indicator: bool = False
     # The label of the button that opens a list message (4 to 10 choices).
     list_button_label: str = Field("Choose", min_length=1, max_length=20)
+    # A message whose fate is unknown (claimed when the process died, or a send that got no
+    # answer) waits this long for a delivery status naming it (biz_opaque_callback_data)
+    # before it is sent again; 0 sends it again at once (at least once, maybe twice).
+    resend_unconfirmed_after: float = Field(300.0, ge=0, le=7 * 24 * 3600)
 
     @model_validator(mode="after")
     def _unique_endpoints(self) -> WhatsAppSettings:
@@ -319,6 +323,7 @@ class WhatsAppChannel(MetaChannel[_Value]):
             for msg in value.messages:
                 events.append(self._message_event(endpoint, value.metadata, msg, names))
             for status in value.statuses:
+                confirmed = await self._confirmed(status)
                 key = (endpoint, status.recipient_id)
                 if key not in open_conversations:
                     snapshot = await self._open_conversation(*key)
@@ -332,10 +337,14 @@ class WhatsAppChannel(MetaChannel[_Value]):
                     )
                     continue
                 if (status.id, conversation_id) not in message_ids:
-                    message_ids[(status.id, conversation_id)] = await self._our_message_id(
-                        status.id, conversation_id
+                    message_ids[(status.id, conversation_id)] = (
+                        await self._our_message_id(status.id, conversation_id) or confirmed
                     )
                 message_id = message_ids[(status.id, conversation_id)]
+                if message_id is None and status.biz_opaque_callback_data:
+                    # Graph has a send whose answer we may not have yet (it is late, or will
+                    # never come): remember it, so sending it again skips it.
+                    self._remember_sent(status.biz_opaque_callback_data, status.id)
                 events.extend(self._status_events(endpoint, conversation_id, status, message_id))
         return events
 
@@ -454,6 +463,25 @@ class WhatsAppChannel(MetaChannel[_Value]):
             "error_details": error.details if error else None,
         }
         return self._delivery_status(f"{status.id}:{status.status}", conversation_id, data)
+
+    async def _confirmed(self, status: _Status) -> str | None:
+        """A status naming (by ``biz_opaque_callback_data``) a send held because its answer
+        never reached us (the process died, or the request got no answer): Graph has it, so
+        it is not sent again — the part is remembered, and a held message is done. Our
+        message id, when the status confirmed a whole message."""
+        key = status.biz_opaque_callback_data
+        confirm = self.context.service.get("confirm_delivery")
+        if not key or confirm is None:
+            return None
+        held, message_id = await confirm(self.name, key, status.id)
+        if held:
+            self._remember_sent(key, status.id)
+        return str(message_id) if message_id else None
+
+    def status_hold(self, idempotency_key: str) -> float | None:
+        if idempotency_key in self._sent_parts:
+            return 0.0
+        return self.settings.resend_unconfirmed_after or None
 
     # outbound --------------------------------------------------------------------------
     async def send(self, message: OutboundMessage) -> str | None:

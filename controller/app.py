@@ -131,6 +131,7 @@ def _add_connector_routes(app: web.Application) -> None:
             "history": lambda i, e, v: _history(app, i, e, v),
             "present_customers": lambda instance: app[STORE].present_customers(instance),
             "provider_message": lambda i, p: app[STORE].provider_message(i, p),
+            "confirm_delivery": lambda i, k, p: _confirm_delivery(app, i, k, p),
             "metrics": app[METRICS],
         },
     )
@@ -276,6 +277,7 @@ async def _connectors_ctx(app: web.Application) -> AsyncIterator[None]:
         lambda row: _deliver_channel(app, row),
         on_dead=lambda row, err: _channel_failed(app, row, err),
     )
+    dispatcher.confirm_by_status("channel", _ChannelConfirmations(app))
     gateway = app[BOT_GATEWAY] = BotGateway(app[BOTS], app[CLOCK], app[METRICS], app[INBOX])
     dispatcher.register("bot", gateway.deliver, on_dead=gateway.failed, policy=gateway.policy)
     dispatcher.register("desk", lambda row: _deliver_desk(app, row))
@@ -358,11 +360,19 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
             customer_last_at=datetime.fromisoformat(last_at) if isinstance(last_at, str) else None,
         )
     )
-    message_id = message.get("id")
-    if not provider_id or not isinstance(message_id, str) or not message_id:
-        return
-    # Delivery statuses name the provider's id; remember which of our messages it is. The
-    # message is sent: failing to remember must not make the outbox send it again.
+    if provider_id:
+        await _remember_provider_id(app, instance, row, provider_id)
+
+
+async def _remember_provider_id(
+    app: web.Application, instance: str, row: OutboxRow, provider_id: str
+) -> str | None:
+    """Delivery statuses name the provider's id: remember which of our messages (the row's)
+    it is, and return our id. The message is sent: failing to remember must not make the
+    outbox send it again."""
+    message_id = (row.payload.get("message") or {}).get("id")
+    if not isinstance(message_id, str) or not message_id:
+        return None
     try:
         await app[STORE].record_provider_message(
             instance, provider_id, row.conversation_id, message_id, app[CLOCK].now()
@@ -374,6 +384,44 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
             provider_id=provider_id,
             error=f"{type(exc).__name__}: {exc}",
         )
+    return message_id
+
+
+class _ChannelConfirmations:
+    """Channel messages whose fate is unknown: a stored delivery status naming the send
+    (WhatsApp's ``biz_opaque_callback_data`` is the row's key) shows the provider has it;
+    else the channel says how long to wait for one."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def hold(self, row: OutboxRow) -> float | None:
+        channel = self._app[CHANNELS].get(row.destination.split(":", 1)[1])
+        return channel.status_hold(row.idempotency_key) if channel is not None else None
+
+    async def seen(self, row: OutboxRow) -> bool:
+        if self.hold(row) is None:
+            return False  # this channel's statuses do not name our sends
+        store = self._app[STORE]
+        provider_id = await store.delivery_status_of(row.conversation_id, row.idempotency_key)
+        if provider_id is None:
+            return False
+        await _remember_provider_id(self._app, row.destination.split(":", 1)[1], row, provider_id)
+        return True
+
+
+async def _confirm_delivery(
+    app: web.Application, instance: str, key: str, provider_id: str
+) -> tuple[bool, str | None]:
+    """A channel's delivery status names the send ``key``: whether a held row (or part of
+    one) waited for it, and our message id when a whole row is now done."""
+    destination, dispatcher = f"channel:{instance}", app[DISPATCHER]
+    if not dispatcher.holds(destination, key):
+        return False, None
+    row = await dispatcher.confirm(destination, key)
+    if row is None:  # a part of a message: the rest goes out when the hold passes
+        return True, None
+    return True, await _remember_provider_id(app, instance, row, provider_id)
 
 
 CHANNEL_FAILURES = ("window_closed", "invalid_recipient", "rate_limited")

@@ -87,13 +87,16 @@ class WebhookAuthError(ConnectorError):
 
 
 class ChannelSendError(ConnectorError):
-    """A send failed. ``retryable`` says whether the outbox may try again."""
+    """A send failed. ``retryable`` says whether the outbox may try again; ``ambiguous`` that
+    the provider may have taken the message all the same (the request went out and no
+    answer came back)."""
 
     code = "channel_send_failed"
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, ambiguous: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.ambiguous = ambiguous
 
 
 class BotError(ConnectorError):

@@ -49,6 +49,24 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.outbox_held = Counter(
+            "convctl_outbox_held",
+            "Outbox rows the provider may already have, held for its delivery status",
+            ["destination"],
+            registry=r,
+        )
+        self.outbox_confirmed = Counter(
+            "convctl_outbox_confirmed",
+            "Held outbox rows a delivery status showed were delivered (not sent again)",
+            ["destination"],
+            registry=r,
+        )
+        self.outbox_unconfirmed_resent = Counter(
+            "convctl_outbox_unconfirmed_resent",
+            "Held outbox rows sent again because no delivery status came within the hold",
+            ["destination"],
+            registry=r,
+        )
         self.app_deliveries = Counter(
             "convctl_app_deliveries",
             "Webhook delivery attempts to apps by outcome (delivered, failed, gone, dead)",

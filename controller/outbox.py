@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol
 
 import structlog
 
@@ -40,6 +41,22 @@ class DeliveryFailed(ConvctlError):
 
 Handler = Callable[[OutboxRow], Awaitable[None]]
 DeadHandler = Callable[[OutboxRow, str], Awaitable[None]]
+
+
+class StatusConfirmations(Protocol):
+    """What a destination whose provider reports delivery statuses naming our sends offers
+    for rows whose fate is unknown (see ``Dispatcher.confirm_by_status``)."""
+
+    def hold(self, row: OutboxRow) -> float | None:
+        """Seconds to wait for the status (None: send it again at once; 0: a status already
+        came and the send will know)."""
+
+    async def seen(self, row: OutboxRow) -> bool:
+        """Whether a status naming the row's send was already stored (the provider has it)."""
+
+
+UNSURE_CLAIMED = 1  # claimed, maybe in flight, when its process died
+UNSURE_HELD = 2  # waiting for a delivery status, or for its hold to pass
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,9 @@ class Dispatcher:
         self._chores: set[asyncio.Future[None]] = set()
         self._claiming = False
         self._rng = random.Random()
+        self._confirmations: dict[str, StatusConfirmations] = {}
+        # held rows by (destination, idempotency key): what a delivery status can confirm
+        self._unconfirmed: dict[tuple[str, str], int] = {}
         self.delivered = 0
 
     def register(
@@ -103,6 +123,64 @@ class Dispatcher:
             self._on_dead[prefix] = on_dead
         if policy is not None:
             self._policies[prefix] = policy
+
+    def confirm_by_status(self, prefix: str, confirmations: StatusConfirmations) -> None:
+        """Rows of ``prefix`` whose fate is unknown (claimed when the process died, or a
+        send that failed after the provider may have taken it) are not sent again at once:
+        one whose status was already stored is done; the others wait ``hold(row)`` seconds
+        for the provider's delivery status, which ``confirm`` turns into done. Only a row
+        no status confirmed in time goes out again."""
+        self._confirmations[prefix] = confirmations
+
+    def holds(self, destination: str, key: str) -> bool:
+        """Whether ``key`` (a row's idempotency key, or ``KEY:i`` for a part of the message)
+        names a row held for its delivery status."""
+        if (destination, key) in self._unconfirmed:
+            return True
+        row_key, _, part = key.rpartition(":")
+        return part.isdigit() and (destination, row_key) in self._unconfirmed
+
+    async def confirm(self, destination: str, idempotency_key: str) -> OutboxRow | None:
+        """The provider has the message sent under ``idempotency_key``: if its row waits for
+        that news, it is done (returned); the lane behind it moves on."""
+        row_id = self._unconfirmed.pop((destination, idempotency_key), None)
+        if row_id is None:
+            return None
+        row = await self._store.outbox_confirm(row_id)
+        if row is not None:
+            self.delivered += 1
+            self._metrics.outbox_confirmed.labels(destination.split(":", 1)[0]).inc()
+            log.info("outbox_confirmed_by_status", destination=destination, row_id=row_id)
+            self._wake.set()
+        return row
+
+    async def _settle_unsure(self, row: OutboxRow, error: str | None = None) -> bool | None:
+        """A row the provider may already have: True if a stored status shows it does (the
+        row is done), False if it is held for its status, None if it is to be sent as
+        usual (its destination cannot confirm, or a status already reached the sender)."""
+        confirmations = self._confirmations.get(row.destination.split(":", 1)[0])
+        if confirmations is None:
+            return None
+        if await confirmations.seen(row):
+            await self._store.outbox_done(row.id)
+            self._metrics.outbox_confirmed.labels(row.destination.split(":", 1)[0]).inc()
+            log.info("outbox_confirmed_by_stored_status", destination=row.destination)
+            return True
+        hold = confirmations.hold(row)
+        if hold is None or hold <= 0:
+            return None
+        until = self._clock.now() + timedelta(seconds=hold)
+        await self._store.outbox_hold(row.id, until, error)
+        self._unconfirmed[(row.destination, row.idempotency_key)] = row.id
+        self._metrics.outbox_held.labels(row.destination.split(":", 1)[0]).inc()
+        log.warning(
+            "outbox_held_for_status",
+            destination=row.destination,
+            row_id=row.id,
+            hold=hold,
+            error=error,
+        )
+        return False
 
     def _policy(self, prefix: str, destination: str) -> RetryPolicy:
         lookup = self._policies.get(prefix)
@@ -155,6 +233,8 @@ class Dispatcher:
     async def start(self) -> None:
         # Lanes with rows left by a previous process are served from the store first.
         self._blocked.update(await self._store.outbox_pending_lanes())
+        for row in await self._store.outbox_held():
+            self._unconfirmed[(row.destination, row.idempotency_key)] = row.id
         self._task = asyncio.create_task(self._loop(), name="outbox")
 
     async def stop(self) -> None:
@@ -239,6 +319,17 @@ class Dispatcher:
         prefix, handler = self._handler(row.destination)
         structlog.contextvars.bind_contextvars(conversation_id=row.conversation_id)
         try:
+            if row.unsure == UNSURE_CLAIMED:
+                settled = await self._settle_unsure(row)
+                if settled is not None:
+                    # done (the lane moves on), or held (the lane waits, as behind a retry)
+                    self.delivered += settled
+                    return settled
+            if row.unsure == UNSURE_HELD:
+                # no status confirmed it in time: the provider most likely never had it
+                self._unconfirmed.pop((row.destination, row.idempotency_key), None)
+                self._metrics.outbox_unconfirmed_resent.labels(prefix).inc()
+                log.warning("outbox_unconfirmed_resent", destination=row.destination)
             if handler is None:
                 raise DeliveryFailed(f"no connector for {row.destination!r}", retryable=False)
             await handler(row)
@@ -249,6 +340,12 @@ class Dispatcher:
             error = f"{type(exc).__name__}: {exc}"
             attempts = row.attempts + 1
             policy = self._policy(prefix, row.destination)
+            if retryable and attempts < policy.max_attempts and getattr(exc, "ambiguous", False):
+                # the provider may have it: look for its status first
+                settled = await self._settle_unsure(row, error)
+                if settled is not None:
+                    self.delivered += settled
+                    return settled
             if retryable and attempts < policy.max_attempts:
                 delay = min(policy.backoff_max, policy.backoff_base * 2 ** (attempts - 1))
                 delay *= 0.5 + self._rng.random() / 2

@@ -11,12 +11,16 @@ query parameter, ``recipient.id``, ``messaging_type`` / ``tag``, exactly one of 
 sender actions (``mark_seen``, ``typing_on``, ``typing_off``, alone) with the ``recipient_id``.
 ``MetaSender`` (alias ``WhatsAppSender``, ``MessengerSender``) signs webhook bodies with the app
 secret and POSTs them; the builders below make WhatsApp and Messenger payloads.
+Like Meta, the fake can post a ``sent`` status webhook for every WhatsApp message it accepts
+(``post_statuses``), retrying until the receiver answers 200, and it can ``stall`` sends: take
+one and answer too late, or answer too late without taking it.
 Everything waits on conditions, never on fixed sleeps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -134,6 +138,18 @@ class GraphFailure:
         return self.to is None or _recipient(body) == self.to
 
 
+@dataclass
+class GraphStall:
+    """The next ``times`` WhatsApp sends are answered only after ``seconds``: ``taken`` ones
+    are accepted first (a wamid, a status webhook ``status_after`` seconds later), the others
+    never are (answered 503)."""
+
+    times: int
+    taken: bool
+    seconds: float
+    status_after: float = 0.0
+
+
 def _recipient(body: Any) -> str | None:
     if not isinstance(body, dict):
         return None
@@ -161,6 +177,7 @@ class FakeGraph:
     # body before it is answered (to look at the service then, or to hold the answer).
     fail_sender_actions: int = 0
     before_sender_action: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+    stalls: list[GraphStall] = field(default_factory=list)
 
     def reads(self) -> list[GraphRequest]:
         """Read receipts the fake accepted, in order."""
@@ -175,6 +192,13 @@ class FakeGraph:
     def __post_init__(self) -> None:
         self._ids = itertools.count(1)
         self._changed = asyncio.Condition()
+        self._hook: MetaSender | None = None
+        self._hook_retry = 0.1
+        self._statuses: list[tuple[str, dict[str, Any]]] = []  # (phone_number_id, status)
+        self._statuses_waiting = asyncio.Event()
+        self._status_task: asyncio.Task[None] | None = None
+        self.statuses_posted = 0
+        self._stopping = asyncio.Event()  # ends stalls early
         app = web.Application()
         app.router.add_post("/{version}/me/messages", self._me_messages)  # before the next
         app.router.add_post("/{version}/{phone_number_id}/messages", self._messages)
@@ -190,7 +214,59 @@ class FakeGraph:
         return self
 
     async def stop(self) -> None:
+        self._stopping.set()
+        if self._status_task is not None:
+            self._status_task.cancel()
+            await asyncio.gather(self._status_task, return_exceptions=True)
+        if self._hook is not None:
+            await self._hook.http.close()
         await self._runner.cleanup()
+
+    def post_statuses(self, url: str, app_secret: str, *, retry_every: float = 0.1) -> None:
+        """Post a signed ``sent`` status webhook to ``url`` for every WhatsApp message the
+        fake accepts from now on (in order, up to 50 in one body, as Meta batches them); a
+        body the receiver does not answer 200 (or cannot be reached) is posted again after
+        ``retry_every`` seconds, until it is."""
+        self._hook = MetaSender(aiohttp.ClientSession(), url, app_secret)
+        self._hook_retry = retry_every
+        self._status_task = asyncio.create_task(self._post_statuses())
+
+    def stall(
+        self, times: int = 1, *, taken: bool, seconds: float, status_after: float = 0.0
+    ) -> GraphStall:
+        stall = GraphStall(times, taken, seconds, status_after)
+        self.stalls.append(stall)
+        return stall
+
+    def _owe_status(self, number: str, item: dict[str, Any]) -> None:
+        self._statuses.append((number, item))
+        self._statuses_waiting.set()
+
+    def statuses_pending(self) -> int:
+        """Statuses accepted sends still owe the receiver."""
+        return len(self._statuses)
+
+    async def _post_statuses(self) -> None:
+        assert self._hook is not None
+        while True:
+            await self._statuses_waiting.wait()
+            self._statuses_waiting.clear()
+            while self._statuses:
+                number = self._statuses[0][0]
+                batch = []
+                for endpoint, item in self._statuses[:50]:
+                    if endpoint != number:
+                        break
+                    batch.append(item)
+                try:
+                    answer, _ = await self._hook.post(envelope([change(number, statuses=batch)]))
+                except (aiohttp.ClientError, OSError):
+                    answer = 0
+                if answer == 200:
+                    del self._statuses[: len(batch)]
+                    self.statuses_posted += len(batch)
+                else:
+                    await asyncio.sleep(self._hook_retry)
 
     # scripting ---------------------------------------------------------------------------
     def fail(
@@ -325,17 +401,34 @@ class FakeGraph:
         if (failure := self._scripted(number, body)) is not None:
             payload = _error(failure.code, failure.message, failure.details, failure.subcode)
             return await self._answer(request, body, failure.status, payload)
+        stall = next((s for s in self.stalls if s.times > 0), None)
+        if stall is not None:
+            stall.times -= 1
+            if not stall.taken:
+                await self._stall(stall.seconds)
+                return await self._answer(request, body, 503, _error(2, "service unavailable"))
         wamid = f"wamid.FAKE{next(self._ids):06d}"
-        return await self._answer(
-            request,
-            body,
-            200,
-            {
-                "messaging_product": "whatsapp",
-                "contacts": [{"input": body.get("to"), "wa_id": body.get("to")}],
-                "messages": [{"id": wamid, "message_status": "accepted"}],
-            },
-        )
+        answer = {
+            "messaging_product": "whatsapp",
+            "contacts": [{"input": body.get("to"), "wa_id": body.get("to")}],
+            "messages": [{"id": wamid, "message_status": "accepted"}],
+        }
+        await self._record(request, body, 200, None, answer)
+        if self._hook is not None:
+            callback = body.get("biz_opaque_callback_data")
+            item = status(wamid, "sent", str(body.get("to")), callback_data=callback)
+            if stall is not None and stall.status_after > 0:
+                later = asyncio.get_running_loop().call_later
+                later(stall.status_after, self._owe_status, number, item)
+            else:
+                self._owe_status(number, item)
+        if stall is not None:
+            await self._stall(stall.seconds)
+        return web.json_response(answer)
+
+    async def _stall(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _read_receipt(self, request: web.Request, body: dict[str, Any]) -> web.Response:
         if body.get("messaging_product") != "whatsapp" or not str(

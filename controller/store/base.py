@@ -43,6 +43,10 @@ class OutboxRow:
     destination: str
     payload: dict[str, Any]
     attempts: int
+    # 0: nothing is known against sending it; 1 (UNSURE_CLAIMED): it was claimed, maybe in
+    # flight, when its process died; 2 (UNSURE_HELD): it waits for a delivery status (or its
+    # hold to pass) because the provider may already have it.
+    unsure: int = 0
 
     @property
     def idempotency_key(self) -> str:
@@ -266,6 +270,25 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def outbox_next_due(self) -> datetime | None: ...
+
+    @abc.abstractmethod
+    async def outbox_hold(self, row_id: int, until: datetime, error: str | None = None) -> None:
+        """Unclaim a claimed row that the provider may already have (``unsure`` 2) and
+        make it due at ``until``; ``error`` (an ambiguous failure) counts an attempt."""
+
+    @abc.abstractmethod
+    async def delivery_status_of(self, conversation_id: str, callback_data: str) -> str | None:
+        """The provider id (``wamid``) a stored ``delivery.status`` event of the conversation
+        gives for the send its ``callback_data`` names, if one came."""
+
+    @abc.abstractmethod
+    async def outbox_held(self) -> list[OutboxRow]:
+        """Pending rows that wait for a delivery status (``unsure`` 2)."""
+
+    @abc.abstractmethod
+    async def outbox_confirm(self, row_id: int) -> OutboxRow | None:
+        """A held row the provider says it has: mark it done, unless it was claimed again
+        (its hold passed) or is no longer pending; the row when it was marked."""
 
     @abc.abstractmethod
     async def outbox_pending_lanes(self) -> list[tuple[str, str]]:

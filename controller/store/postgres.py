@@ -209,10 +209,12 @@ class PostgresStore(Store):
             raise ConfigError(f"cannot connect to {self.location}: {exc}") from exc
         async with self._pool.acquire() as conn:
             await self._migrate(conn)
-            # A previous process may have died with rows claimed: they are due again now.
+            # A previous process may have died with rows claimed: they are due again now,
+            # marked unsure (they may have reached their destination just before the end).
             # (With several processes sharing the database, claims need leases instead.)
             await conn.execute(
-                "UPDATE outbox SET claimed = FALSE WHERE status = 'pending' AND claimed"
+                "UPDATE outbox SET claimed = FALSE, unsure = GREATEST(unsure, 1) "
+                "WHERE status = 'pending' AND claimed"
             )
 
     async def close(self) -> None:
@@ -513,6 +515,53 @@ class PostgresStore(Store):
                 row_id,
             )
         )
+
+    async def outbox_hold(self, row_id: int, until: datetime, error: str | None = None) -> None:
+        await self._tx(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET claimed = FALSE, unsure = 2, attempts = attempts + $1, "
+                "next_attempt_at = GREATEST(next_attempt_at, $2), "
+                "last_error = COALESCE($3, last_error) WHERE id = $4",
+                0 if error is None else 1,
+                _ts(until),
+                None if error is None else _text(error[:1000]),
+                row_id,
+            )
+        )
+
+    async def delivery_status_of(self, conversation_id: str, callback_data: str) -> str | None:
+        async def run(conn: Conn) -> str | None:
+            value = await conn.fetchval(
+                "SELECT data->>'wamid' FROM events WHERE conversation_id = $1 "
+                "AND type = 'delivery.status' AND data->>'callback_data' = $2 LIMIT 1",
+                conversation_id,
+                callback_data,
+            )
+            return str(value) if value else None
+
+        return await self._read(run)
+
+    async def outbox_held(self) -> list[OutboxRow]:
+        async def run(conn: Conn) -> list[OutboxRow]:
+            rows = await conn.fetch(
+                "SELECT * FROM outbox WHERE status = 'pending' AND unsure = 2 ORDER BY id"
+            )
+            return [_outbox_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def outbox_confirm(self, row_id: int) -> OutboxRow | None:
+        async def run(conn: Conn) -> OutboxRow | None:
+            row = await conn.fetchrow(
+                "UPDATE outbox SET status = 'done', unsure = 0, attempts = attempts + 1, "
+                "done_at = $1 WHERE id = $2 AND status = 'pending' AND NOT claimed "
+                "AND unsure = 2 RETURNING *",
+                datetime.now(UTC).timestamp(),
+                row_id,
+            )
+            return None if row is None else _outbox_row(row)
+
+        return await self._tx(run)
 
     async def outbox_next_due(self) -> datetime | None:
         async def run(conn: Conn) -> datetime | None:
@@ -1764,6 +1813,7 @@ def _outbox_row(row: Row) -> OutboxRow:
         destination=row["destination"],
         payload=json.loads(row["payload"]),
         attempts=row["attempts"],
+        unsure=row["unsure"],
     )
 
 

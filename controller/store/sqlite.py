@@ -210,8 +210,12 @@ class SqliteStore(Store):
             Path(self._path).parent.mkdir(parents=True, exist_ok=True)
         conn = _connect(self._path, self._synchronous)
         self._migrate(conn)
-        # A previous process may have died with rows claimed: they are due again now.
-        conn.execute("UPDATE outbox SET claimed = 0 WHERE status = 'pending' AND claimed = 1")
+        # A previous process may have died with rows claimed: they are due again now, marked
+        # unsure (they may have reached their destination just before the end).
+        conn.execute(
+            "UPDATE outbox SET claimed = 0, unsure = MAX(unsure, 1) "
+            "WHERE status = 'pending' AND claimed = 1"
+        )
         self._writer = _Writer(conn)
         self._writer.start()
         loop = asyncio.get_running_loop()
@@ -471,18 +475,7 @@ class SqliteStore(Store):
                 conn.executemany(
                     "UPDATE outbox SET claimed = 1 WHERE id = ?", [(r["id"],) for r in rows]
                 )
-            return [
-                OutboxRow(
-                    id=r["id"],
-                    conversation_id=r["conversation_id"],
-                    event_id=r["event_id"],
-                    n=r["n"],
-                    destination=r["destination"],
-                    payload=json.loads(r["payload"]),
-                    attempts=r["attempts"],
-                )
-                for r in rows
-            ]
+            return [_outbox_row(r) for r in rows]
 
         return await self._write(run)
 
@@ -521,6 +514,50 @@ class SqliteStore(Store):
                 (error[:1000], row_id),
             )
         )
+
+    async def outbox_hold(self, row_id: int, until: datetime, error: str | None = None) -> None:
+        attempted = 0 if error is None else 1
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET claimed = 0, unsure = 2, attempts = attempts + ?, "
+                "next_attempt_at = MAX(next_attempt_at, ?), "
+                "last_error = COALESCE(?, last_error) WHERE id = ?",
+                (attempted, _ts(until), None if error is None else error[:1000], row_id),
+            )
+        )
+
+    async def delivery_status_of(self, conversation_id: str, callback_data: str) -> str | None:
+        def run(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT json_extract(data, '$.wamid') FROM events WHERE conversation_id = ? "
+                "AND type = 'delivery.status' AND json_extract(data, '$.callback_data') = ? "
+                "LIMIT 1",
+                (conversation_id, callback_data),
+            ).fetchone()
+            return str(row[0]) if row is not None and row[0] else None
+
+        return await self._read(run)
+
+    async def outbox_held(self) -> list[OutboxRow]:
+        def run(conn: sqlite3.Connection) -> list[OutboxRow]:
+            rows = conn.execute(
+                "SELECT * FROM outbox WHERE status = 'pending' AND unsure = 2 ORDER BY id"
+            ).fetchall()
+            return [_outbox_row(r) for r in rows]
+
+        return await self._read(run)
+
+    async def outbox_confirm(self, row_id: int) -> OutboxRow | None:
+        def run(conn: sqlite3.Connection) -> OutboxRow | None:
+            row = conn.execute(
+                "UPDATE outbox SET status = 'done', unsure = 0, attempts = attempts + 1, "
+                "done_at = ? WHERE id = ? AND status = 'pending' AND claimed = 0 "
+                "AND unsure = 2 RETURNING *",
+                (datetime.now(UTC).timestamp(), row_id),
+            ).fetchone()
+            return None if row is None else _outbox_row(row)
+
+        return await self._write(run)
 
     async def outbox_next_due(self) -> datetime | None:
         def run(conn: sqlite3.Connection) -> datetime | None:
@@ -1777,17 +1814,22 @@ def _live_app(conn: sqlite3.Connection, app_id: str) -> AppRecord:
     return app
 
 
+def _outbox_row(row: sqlite3.Row) -> OutboxRow:
+    return OutboxRow(
+        id=row["id"],
+        conversation_id=row["conversation_id"],
+        event_id=row["event_id"],
+        n=row["n"],
+        destination=row["destination"],
+        payload=json.loads(row["payload"]),
+        attempts=row["attempts"],
+        unsure=row["unsure"],
+    )
+
+
 def _outbox_entry(row: sqlite3.Row) -> OutboxEntry:
     return OutboxEntry(
-        row=OutboxRow(
-            id=row["id"],
-            conversation_id=row["conversation_id"],
-            event_id=row["event_id"],
-            n=row["n"],
-            destination=row["destination"],
-            payload=json.loads(row["payload"]),
-            attempts=row["attempts"],
-        ),
+        row=_outbox_row(row),
         status=row["status"],
         replays=row["replays"],
         last_error=row["last_error"],

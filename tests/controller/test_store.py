@@ -438,6 +438,67 @@ async def test_outbox_claim_done_retry_dead_release(store: Store) -> None:
     assert rows[a1]["payload"] == {"to": "a"} and rows[a1]["n"] == 0
 
 
+async def test_rows_claimed_at_a_crash_are_unsure_held_and_confirmed(
+    make_store: Callable[[], Store],
+) -> None:
+    first = make_store()
+    await first.open()
+    a, b, c = await _outbox(first, [("a", "channel:wa"), ("b", "channel:wa"), ("c", "channel:wa")])
+    claimed = await first.claim_outbox(T0, 10)
+    assert [r.unsure for r in claimed] == [0, 0, 0]
+    await first.outbox_done(c)
+    await first.close()  # as if the process died with a and b claimed
+    store = make_store()
+    await store.open()
+    try:
+        # rows that were claimed come back unsure; a finished one does not
+        rows = await store.claim_outbox(T0, 10)
+        assert [(r.id, r.unsure) for r in rows] == [(a, 1), (b, 1)]
+        # held: unclaimed, due at the hold's end, waiting for a status; an attempt only with
+        # an error (a send that got no answer)
+        await store.outbox_hold(a, T0 + timedelta(seconds=60))
+        await store.outbox_hold(b, T0 + timedelta(seconds=60), "no answer")
+        assert await store.claim_outbox(T0 + timedelta(seconds=59), 10) == []
+        assert await store.outbox_next_due() == T0 + timedelta(seconds=60)
+        assert [(r.id, r.unsure) for r in await store.outbox_held()] == [(a, 2), (b, 2)]
+        listed = {r["id"]: r for r in await store.outbox_rows()}
+        assert (listed[a]["attempts"], listed[b]["attempts"]) == (0, 1)
+        assert listed[b]["last_error"] == "no answer"
+        # a status confirms a: done; confirming again, or a row that is not held, does nothing
+        done = await store.outbox_confirm(a)
+        assert done is not None and done.id == a and done.payload == {"to": "a"}
+        assert await store.outbox_confirm(a) is None
+        assert await store.outbox_confirm(c) is None
+        # b's hold passes: it is claimed again (still marked held) and cannot be confirmed
+        # while claimed
+        [again] = await store.claim_outbox(T0 + timedelta(seconds=60), 10)
+        assert (again.id, again.unsure) == (b, 2)
+        assert await store.outbox_confirm(b) is None
+        await store.outbox_done(b)
+        assert await store.outbox_held() == []
+        statuses = {r["id"]: r["status"] for r in await store.outbox_rows()}
+        assert statuses == {a: "done", b: "done", c: "done"}
+    finally:
+        await store.close()
+
+
+async def test_a_stored_delivery_status_names_the_send_it_confirms(store: Store) -> None:
+    [acc] = await store.accept([message("v")], T0)
+    cid = acc.conversation_id
+    assert await store.delivery_status_of(cid, "ev_1:0") is None
+    await store.accept(
+        [
+            to(cid, "delivery.status", status="sent", wamid="wamid.A", callback_data="ev_1:0"),
+            to(cid, "delivery.status", status="sent", wamid="wamid.B", callback_data=None),
+        ],
+        T0,
+    )
+    assert await store.delivery_status_of(cid, "ev_1:0") == "wamid.A"
+    assert await store.delivery_status_of(cid, "ev_1:1") is None
+    [other] = await store.accept([message("w")], T0)
+    assert await store.delivery_status_of(other.conversation_id, "ev_1:0") is None
+
+
 async def test_concurrent_claims_never_share_a_row(store: Store) -> None:
     ids = await _outbox(store, [(f"v{i}", "bot:demo") for i in range(20)])
     batches = await asyncio.gather(*(store.claim_outbox(T0, 3) for _ in range(10)))
