@@ -154,6 +154,18 @@ class Dispatcher:
             self._wake.set()
         return row
 
+    async def _stored_status(self, row: OutboxRow) -> bool:
+        """Whether a stored delivery status shows the provider has the row's send (it
+        reached the store while the row was in flight or held, maybe through another
+        process); if so the row is done."""
+        confirmations = self._confirmations.get(row.destination.split(":", 1)[0])
+        if confirmations is None or not await confirmations.seen(row):
+            return False
+        await self._store.outbox_done(row.id)
+        self._metrics.outbox_confirmed.labels(row.destination.split(":", 1)[0]).inc()
+        log.info("outbox_confirmed_by_stored_status", destination=row.destination)
+        return True
+
     async def _settle_unsure(self, row: OutboxRow, error: str | None = None) -> bool | None:
         """A row the provider may already have: True if a stored status shows it does (the
         row is done), False if it is held for its status, None if it is to be sent as
@@ -161,10 +173,7 @@ class Dispatcher:
         confirmations = self._confirmations.get(row.destination.split(":", 1)[0])
         if confirmations is None:
             return None
-        if await confirmations.seen(row):
-            await self._store.outbox_done(row.id)
-            self._metrics.outbox_confirmed.labels(row.destination.split(":", 1)[0]).inc()
-            log.info("outbox_confirmed_by_stored_status", destination=row.destination)
+        if await self._stored_status(row):
             return True
         hold = confirmations.hold(row)
         if hold is None or hold <= 0:
@@ -326,8 +335,11 @@ class Dispatcher:
                     self.delivered += settled
                     return settled
             if row.unsure == UNSURE_HELD:
-                # no status confirmed it in time: the provider most likely never had it
                 self._unconfirmed.pop((row.destination, row.idempotency_key), None)
+                if await self._stored_status(row):
+                    self.delivered += 1
+                    return True
+                # no status confirmed it in time: the provider most likely never had it
                 self._metrics.outbox_unconfirmed_resent.labels(prefix).inc()
                 log.warning("outbox_unconfirmed_resent", destination=row.destination)
             if handler is None:

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from controller.clock import ManualClock
-from controller.keys import METRICS
+from controller.keys import INBOX, METRICS
+from controller.models import NewEvent
 from controller.testing import Service
 from controller.testing_graph import FakeGraph, GraphRequest, change, envelope, text_message
 from tests.connectors.test_whatsapp import (
@@ -168,3 +169,37 @@ async def test_a_status_that_comes_before_the_late_answer_keeps_the_send_from_re
     assert len(_to_user(graph)) == 1
     statuses = await wait_event(svc, cid, "delivery.status")
     assert statuses[0].data["wamid"] == _to_user(graph)[0].provider_id
+
+
+async def test_a_held_send_whose_status_was_stored_elsewhere_is_not_sent_again(
+    graph: FakeGraph, make_service: Callable[..., Any], clock: ManualClock
+) -> None:
+    # With several processes, the status webhook may reach a process that does not hold the
+    # row: it is stored, not confirmed there. When the hold ends the stored status is found.
+    svc, sender, graph = await _service(make_service, graph, clock)
+    graph.stall(1, taken=False, seconds=1.5)
+    await sender.post(
+        envelope([change(NUMBER_A, messages=[text_message(USER, "hi", "wamid.IN1")])])
+    )
+    await _until(lambda: _counter(svc, "outbox_held") == 1, "the send to be held")
+    await svc.settle()
+    [held] = await _pending_channel_rows(svc)
+    key = f"{held['event_id']}:{held['n']}"
+    await svc.app[INBOX].submit(
+        [
+            NewEvent(
+                type="delivery.status",
+                source="channel:whatsapp",
+                dedupe_key="wamid.ELSEWHERE:sent",
+                conversation_id=held["conversation_id"],
+                data={"status": "sent", "wamid": "wamid.ELSEWHERE", "callback_data": key},
+            )
+        ]
+    )
+    await svc.settle()
+    clock.advance(HOLD + 1)
+    await svc.settle()
+    assert _to_user(graph) == []  # not sent again: the stored status showed Graph has it
+    assert await _pending_channel_rows(svc) == []
+    assert _counter(svc, "outbox_confirmed") == 1
+    assert _counter(svc, "outbox_unconfirmed_resent") == 0
