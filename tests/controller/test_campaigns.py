@@ -52,7 +52,7 @@ SECRET = "campaign-app-secret"
 NUMBER = "106540352242922"
 TOKEN = "token-campaigns"
 SIZE = int(os.environ.get("CONVCTL_CAMPAIGN_TEST_SIZE", "10000"))
-HOLD = 15.0  # seconds a cut-off send waits for its status after a restart
+HOLD = 30.0  # seconds a cut-off send waits for its status after a restart
 
 
 def phone(n: int) -> str:
@@ -718,7 +718,7 @@ def _counter(metrics: str, name: str) -> float:
 async def _killed_mid_campaign(tmp_path: Path, size: int, rate: float, kills: int) -> None:
     graph = await FakeGraph(tokens={NUMBER: TOKEN}).start()
     # Sends whose answer the kill cut off are held until Graph's status names them (it posts
-    # one for every message it takes, retrying while the service is down), or for 15 s.
+    # one for every message it takes, retrying while the service is down), or for 30 s.
     settings = {**whatsapp_settings(graph), "resend_unconfirmed_after": HOLD, "http_timeout_s": 60}
     connectors = json.dumps(
         [
