@@ -29,17 +29,19 @@ from controller.api import (
     conversations,
     customers,
     health,
+    openapi,
     outbound,
 )
 from controller.api import apps as apps_api
 from controller.api import campaigns as campaigns_api
 from controller.api import rules as rules_api
-from controller.api.common import errors_middleware, hash_token
+from controller.api.common import errors_middleware, hash_token, text_guard_middleware
 from controller.api.desk import DeskHub
 from controller.apps import AppRegistry, AppWebhooks
 from controller.bots import BotGateway
 from controller.campaigns import CampaignRunner
 from controller.clock import Clock, SystemClock
+from controller.cluster import Cluster
 from controller.customers import CustomerProfiles
 from controller.errors import ConfigError, RequestError
 from controller.inbox import Inbox
@@ -50,6 +52,7 @@ from controller.keys import (
     CAMPAIGNS,
     CHANNELS,
     CLOCK,
+    CLUSTER,
     CONNECTOR_CONTEXT,
     CUSTOMERS,
     DESK,
@@ -66,12 +69,12 @@ from controller.keys import (
     WORKERS,
 )
 from controller.metrics import Metrics
-from controller.models import NewEvent
+from controller.models import Event, NewEvent
 from controller.outbox import Dispatcher
 from controller.router import Router
 from controller.rules import RulebookHolder
 from controller.settings import AgentSeed, Settings
-from controller.store.base import Accepted, OutboxRow
+from controller.store.base import Accepted, Committed, DecisionRecord, OutboxRow, Store
 from controller.store.factory import open_store
 from controller.timers import Timers
 from controller.worker import Workers
@@ -82,12 +85,16 @@ DEMO_AGENTS = (AgentSeed(id="alice", name="Alice"), AgentSeed(id="bob", name="Bo
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_middleware, text_guard_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()
     app[METRICS] = Metrics()
     app[READY] = {"ready": False}
     app[DESK] = DeskHub()
+    app[CLUSTER] = None
     app.router.add_routes(health.routes())
     app.router.add_routes(agents.routes())
     app.router.add_routes(conversations.routes())
@@ -98,6 +105,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app.router.add_routes(apps_api.routes())
     app.router.add_routes(app_conversations.routes())
     app.router.add_routes(campaigns_api.routes())
+    app.router.add_routes(openapi.routes())
     app.router.add_get("/", _index)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_engine_ctx)
@@ -129,7 +137,7 @@ def _add_connector_routes(app: web.Application) -> None:
         data_dir=settings.data_dir,
         service={
             "history": lambda i, e, v: _history(app, i, e, v),
-            "present_customers": lambda instance: app[STORE].present_customers(instance),
+            "present_customers": lambda instance: _present_customers(app, instance),
             "provider_message": lambda i, p: app[STORE].provider_message(i, p),
             "confirm_delivery": lambda i, k, p: _confirm_delivery(app, i, k, p),
             "metrics": app[METRICS],
@@ -153,6 +161,16 @@ def _add_connector_routes(app: web.Application) -> None:
 
 async def _submit(app: web.Application, events: Sequence[NewEvent]) -> list[Accepted]:
     return await app[INBOX].submit(events)
+
+
+async def _present_customers(app: web.Application, instance: str) -> list[tuple[str, str, int]]:
+    """Customers last seen connected, whose sockets a restart lost (the web chat
+    disconnects them at start). With other processes running, their sockets may live there:
+    nobody is disconnected then (docs/architecture.md, "Several processes")."""
+    cluster = app[CLUSTER]
+    if cluster is not None and not await cluster.alone():
+        return []
+    return await app[STORE].present_customers(instance)
 
 
 async def _history(
@@ -208,6 +226,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[APPS] = AppRegistry(store, clock)
     await registry.load()
     calendar = settings.calendar()
+    cluster = app[CLUSTER] = _cluster(settings, store)
     workers = Workers(
         store,
         rules.current,
@@ -220,6 +239,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         queue_facts=lambda conv: app[ROUTER].queue_facts(conv),  # the router is made below
         customer_facts=profiles.facts,
         subscribers=registry.subscribers,
+        leases=cluster,
     )
     app[WORKERS] = workers
     app[INBOX] = Inbox(store, clock, metrics, workers.notify)
@@ -232,7 +252,14 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         backoff_max=settings.outbox_backoff_max,
     )
     app[DISPATCHER] = dispatcher
-    timers = Timers(store, clock, metrics, workers.notify)
+    timers = Timers(
+        store,
+        clock,
+        metrics,
+        workers.notify,
+        claim=getattr(store, "claim_timers", None) if cluster is not None else None,
+        poll=settings.cluster_heartbeat_interval,
+    )
     app[TIMERS] = timers
     router = Router(
         store,
@@ -241,12 +268,25 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         workers.notify,
         offer_timeout=settings.timeouts.offer,
         calendar=calendar,
+        queues=settings.queue_routing,
     )
     router.set_push(app[DESK].push)
     app[ROUTER] = router
     workers.on_commit(dispatcher.after_commit)
     workers.on_commit(timers.after_commit)
-    workers.on_commit(router.after_commit)
+    if cluster is None:
+        workers.on_commit(router.after_commit)
+    else:
+        cluster.serve(workers.notify, workers.adopt)
+        cluster.after_takeover(dispatcher.wake)
+        cluster.after_takeover(timers.wake)
+        # One process (the singleton lock's holder) runs the router; the others tell it
+        # what their decisions changed.
+        cluster.singleton(router.start, router.stop)
+        workers.on_commit(lambda record, committed: _router_commit(app, record, committed))
+        cluster.on_message("router", lambda message: _router_message(app, message))
+        cluster.on_message("push", lambda message: _fanned_out(app, message))
+        cluster.on_message("desk", lambda message: _fanned_out(app, message))
     campaigns = app[CAMPAIGNS] = CampaignRunner(
         store,
         clock,
@@ -298,17 +338,26 @@ async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
         await store.put_token(hash_token(settings.admin_token), "admin", "admin", now)
     if settings.agent_token and seeds:
         await store.put_token(hash_token(settings.agent_token), "agent", seeds[0].id, now)
-    await router.start()
+    cluster = app[CLUSTER]
+    if cluster is None:
+        await router.start()
     timers = await app[TIMERS].start()
-    app[WORKERS].start()
-    pending = await app[WORKERS].recover()
+    if cluster is None:
+        app[WORKERS].start()
+        pending = await app[WORKERS].recover()
+    else:
+        # The first sweep finds the work this process owns or nobody owns (and, holding
+        # the singleton lock, starts the router) before the workers run.
+        pending = await cluster.start()
+        app[WORKERS].start()
+        app[READY].update(process_id=cluster.process_id)
     # Connectors start once the engine runs: what they submit at start is decided normally.
     started: list[Connector] = []
     connectors: list[Connector] = [*app[CHANNELS].values(), *app[BOTS].values()]
     for connector in connectors:
         await connector.start()
         started.append(connector)
-    await app[DISPATCHER].start()
+    await app[DISPATCHER].start(shared=cluster is not None)
     app[READY].update(
         ready=True,
         timers=timers,
@@ -326,6 +375,8 @@ async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[DESK].close_all()
     for connector in reversed(started):
         await connector.stop()
+    if cluster is not None:
+        await cluster.stop()
 
 
 async def _campaigns_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -335,6 +386,123 @@ async def _campaigns_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("campaigns_resumed", campaigns=resumed)
     yield
     await app[CAMPAIGNS].stop()
+
+
+# several processes (PostgreSQL) --------------------------------------------------------------
+def _cluster(settings: Settings, store: Store) -> Cluster | None:
+    """This process among others sharing the database; None on SQLite (one process)."""
+    from controller.store.postgres import PostgresStore
+
+    if not isinstance(store, PostgresStore):
+        return None
+    return Cluster(
+        store,
+        heartbeat_interval=settings.cluster_heartbeat_interval,
+        heartbeat_timeout=settings.cluster_heartbeat_timeout,
+    )
+
+
+def _router_commit(app: web.Application, record: DecisionRecord, committed: Committed) -> None:
+    """After a decision: the router learns what changed, here or in the process running it."""
+    cluster = app[CLUSTER]
+    assert cluster is not None
+    if cluster.leader:
+        app[ROUTER].after_commit(record, committed)
+        return
+    conv = record.after
+    touched = record.released_agents or record.assigned_agents
+    if conv.queue is None and not touched and not record.event.type.startswith("agent."):
+        return  # never routed, no agent involved: nothing the router follows
+    cluster.publish_soon(
+        {
+            "kind": "router",
+            "conversation": conv.id,
+            "event_type": record.event.type,
+            "released": list(record.released_agents),
+            "assigned": list(record.assigned_agents),
+        }
+    )
+
+
+async def _router_message(app: web.Application, message: dict[str, Any]) -> None:
+    """In the router's process: a decision of another process, replayed into the router
+    with the conversation as stored now."""
+    cluster = app[CLUSTER]
+    if cluster is None or not cluster.leader:
+        return
+    conv = await app[STORE].load_conversation(str(message["conversation"]))
+    if conv is None:
+        return
+    event = Event(
+        id="cluster",
+        type=message["event_type"],
+        conversation_id=conv.id,
+        seq=0,
+        source="cluster",
+        dedupe_key="cluster",
+        accepted_at=app[CLOCK].now(),
+        data={},
+    )
+    record = DecisionRecord(
+        event=event,
+        before_version=conv.version,
+        after=conv,
+        rules_version="",
+        matcher="",
+        released_agents=[str(a) for a in message.get("released", [])],
+        assigned_agents=[str(a) for a in message.get("assigned", [])],
+    )
+    app[ROUTER].after_commit(record, Committed([], []))
+
+
+def _socket_channels(app: web.Application) -> set[str]:
+    """Channel instances whose customers are reached through sockets on some process."""
+    return {c.name for c in app[SETTINGS].connectors if c.type == "webchat"}
+
+
+def _outbound_json(message: OutboundMessage) -> dict[str, Any]:
+    return {
+        "conversation_id": message.conversation_id,
+        "endpoint": message.endpoint,
+        "identity": message.identity,
+        "message": message.message,
+    }
+
+
+async def _fan_out(app: web.Application, message: dict[str, Any]) -> None:
+    """Several processes: what went to sockets here goes to the other processes' sockets
+    too (NOTIFY). Best effort: a socket that misses it finds it in the history on reconnect."""
+    cluster = app[CLUSTER]
+    if cluster is None:
+        return
+    try:
+        await cluster.publish(message)
+    except Exception as exc:  # too big for NOTIFY (8000 bytes), the database away...
+        log.warning("fan_out_failed", kind=message.get("kind"), error=f"{type(exc).__name__}")
+
+
+async def _fanned_out(app: web.Application, message: dict[str, Any]) -> None:
+    """Another process's socket push: deliver it to the sockets of this process."""
+    cluster = app[CLUSTER]
+    if cluster is None or message.get("from") == cluster.process_id:
+        return  # NOTIFY reaches the sender too: its own sockets have it already
+    if message["kind"] == "desk":
+        for agent_id in message.get("agents", []):
+            await app[DESK].push(str(agent_id), message["frame"])
+        return
+    channel = app[CHANNELS].get(str(message.get("instance")))
+    if channel is None:
+        return
+    await channel.send(
+        OutboundMessage(
+            conversation_id=str(message["conversation_id"]),
+            endpoint=str(message["endpoint"]),
+            identity=str(message["identity"]),
+            message=dict(message["message"]),
+            idempotency_key="",
+            customer_last_at=None,
+        )
+    )
 
 
 # outbox deliveries ---------------------------------------------------------------------------
@@ -350,16 +518,18 @@ async def _deliver_channel(app: web.Application, row: OutboxRow) -> None:
         # A channel that cannot show an image gets its address as text.
         message.pop("image")
         message["text"] = "\n".join(t for t in (message.get("text"), str(image)) if t)
-    provider_id = await channel.send(
-        OutboundMessage(
-            conversation_id=row.conversation_id,
-            endpoint=str(row.payload.get("endpoint", "")),
-            identity=str(row.payload.get("identity", "")),
-            message=message,
-            idempotency_key=row.idempotency_key,
-            customer_last_at=datetime.fromisoformat(last_at) if isinstance(last_at, str) else None,
-        )
+    outbound = OutboundMessage(
+        conversation_id=row.conversation_id,
+        endpoint=str(row.payload.get("endpoint", "")),
+        identity=str(row.payload.get("identity", "")),
+        message=message,
+        idempotency_key=row.idempotency_key,
+        customer_last_at=datetime.fromisoformat(last_at) if isinstance(last_at, str) else None,
     )
+    provider_id = await channel.send(outbound)
+    if instance in _socket_channels(app):
+        # The customer's socket may be open on another process: those push it too.
+        await _fan_out(app, {"kind": "push", "instance": instance, **_outbound_json(outbound)})
     if provider_id:
         await _remember_provider_id(app, instance, row, provider_id)
 
@@ -478,5 +648,7 @@ async def _deliver_desk(app: web.Application, row: OutboxRow) -> None:
         "conversation_id": row.conversation_id,
         "message": row.payload.get("message"),
     }
-    for agent_id in row.payload.get("agents", []):
-        await hub.push(str(agent_id), frame)
+    agents = [str(a) for a in row.payload.get("agents", [])]
+    for agent_id in agents:
+        await hub.push(agent_id, frame)
+    await _fan_out(app, {"kind": "desk", "agents": agents, "frame": frame})

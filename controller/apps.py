@@ -24,6 +24,7 @@ from aiohttp import web
 
 from controller.api.common import Principal, authenticate, hash_token
 from controller.clock import Clock
+from controller.customers import PROFILE_EVENTS, PROFILE_SCOPE, ProfileNotices
 from controller.errors import Conflict, Forbidden, NotFound, RequestError, Unauthorized
 from controller.ids import new_id
 from controller.keys import APPS
@@ -94,9 +95,10 @@ def check_scopes(scopes: list[str]) -> tuple[str, ...]:
 
 
 def check_event_types(event_types: list[str]) -> tuple[str, ...]:
+    """Conversation event types (the rules' vocabulary) and profile notifications."""
     for kind in event_types:
-        if kind not in EVENT_TYPES:
-            raise UnknownName("event_type", kind, EVENT_TYPES)
+        if kind not in EVENT_TYPES and kind not in PROFILE_EVENTS:
+            raise UnknownName("event_type", kind, [*EVENT_TYPES, *PROFILE_EVENTS])
     return tuple(dict.fromkeys(event_types))
 
 
@@ -189,6 +191,21 @@ class AppRegistry:
             )
         return rows
 
+    def profile_notices(self) -> ProfileNotices:
+        """Who hears profile notifications now: apps subscribed to the type that hold
+        ``events:subscribe`` and ``customers:read`` (the store writes their rows inside the
+        customer write's transaction)."""
+        return ProfileNotices(
+            {
+                kind: tuple(
+                    a
+                    for a in self._index.get(kind, ())
+                    if self._can(a, EVENTS_SCOPE) and self._can(a, PROFILE_SCOPE)
+                )
+                for kind in PROFILE_EVENTS
+            }
+        )
+
     def _can(self, app_id: str, scope: str) -> bool:
         app = self._apps.get(app_id)
         return app is not None and app.enabled and bool(app.webhook_url) and scope in app.scopes
@@ -275,6 +292,8 @@ class AppRegistry:
         app = await self.live(app_id)
         if not app.webhook_url:
             raise Conflict("the app has no webhook_url to deliver events to", code="no_webhook_url")
+        if PROFILE_SCOPE not in app.scopes and any(k in PROFILE_EVENTS for k in event_types):
+            raise MissingScope(PROFILE_SCOPE)  # profile notifications carry personal data
         sub = AppSubscription(new_id("sb"), app_id, event_types, self._clock.now())
         await self._store.add_app_subscription(sub)
         self._subscriptions[sub.id] = sub
@@ -342,6 +361,8 @@ class AppWebhooks:
         needed = JOIN_SCOPE if row.payload.get("as") == "participant" else EVENTS_SCOPE
         if needed not in app.scopes:
             raise DeliveryFailed(f"missing_scope: the app lost {needed}", retryable=False)
+        if row.payload.get("type") in PROFILE_EVENTS and PROFILE_SCOPE not in app.scopes:
+            raise DeliveryFailed(f"missing_scope: the app lost {PROFILE_SCOPE}", retryable=False)
         if not app.webhook_url:
             raise DeliveryFailed("no_webhook_url: the app has no webhook_url", retryable=False)
         body = json.dumps(

@@ -9,16 +9,32 @@ committed record there (a newer version always wins over a read that was in flig
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import phonenumbers
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import StringConstraints as Str
 
 from controller.errors import RequestError
 from controller.models import Conversation
-from controller.store.base import CustomerRecord, Identity, Store
+from controller.store.base import (
+    CHANGE_KINDS,
+    CustomerChange,
+    CustomerRecord,
+    Identity,
+    NewOutbox,
+    Store,
+)
 
 IDENTITY_KINDS: tuple[str, ...] = ("whatsapp", "messenger", "webchat", "email", "phone", "external")
+# The profile notifications apps can subscribe to (besides the conversation events).
+PROFILE_EVENTS: tuple[str, ...] = tuple(f"profile.{kind}" for kind in CHANGE_KINDS)
+# What an app needs, besides ``events:subscribe``, to hear them: they carry personal data.
+PROFILE_SCOPE = "customers:read"
 
 
 def normalize_phone(value: str, region: str | None) -> str:
@@ -76,6 +92,146 @@ def parse_identity(text: str, region: str | None) -> Identity:
             status=422,
         )
     return normalize_identity(kind.strip().lower(), value, region)
+
+
+@dataclass(frozen=True)
+class ProfileNotices:
+    """Who hears which profile notification, fixed when a write starts (read from the app
+    registry on the event loop), and the outbox rows that tell them. Pure: the store calls
+    it inside the write's transaction (``Notify``), where nothing may await."""
+
+    audience: Mapping[str, tuple[str, ...]]  # profile event type -> app ids
+
+    @property
+    def anyone(self) -> bool:
+        """Whether any app hears any profile notification (else writes add no rows)."""
+        return any(self.audience.values())
+
+    def __call__(self, change: CustomerChange) -> list[NewOutbox]:
+        kind = f"profile.{change.kind}"
+        apps = self.audience.get(kind, ())
+        if not apps:
+            return []
+        body: dict[str, Any] = {
+            "type": kind,
+            "conversation_id": None,
+            "customer_id": change.customer_id,
+            "version": change.version,
+            "changed_at": change.at.isoformat(),
+        }
+        if change.record is not None:
+            body["customer"] = change.record.as_dict()
+        if change.merged_from is not None:
+            body["merged_from"] = change.merged_from
+        return [
+            NewOutbox(f"app:{app_id}", {**body, "app_id": app_id, "as": "subscriber"})
+            for app_id in apps
+        ]
+
+
+# the custom profile field schema --------------------------------------------------------------
+FieldName = Annotated[str, Str(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+FIELD_TYPES = ("string", "number", "integer", "boolean", "date", "enum")
+
+
+class CustomField(BaseModel):
+    """One custom profile field an admin declared."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: FieldName
+    type: Literal["string", "number", "integer", "boolean", "date", "enum"]
+    values: list[Annotated[str, Str(min_length=1, max_length=200)]] | None = Field(
+        None, min_length=1, max_length=200
+    )
+    required: bool = False
+    max_length: int | None = Field(None, ge=1, le=1000)
+    description: str | None = Field(None, max_length=500)
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> CustomField:
+        if (self.type == "enum") != (self.values is not None):
+            raise ValueError(f"{self.name}: values are given for an enum field, and only then")
+        if self.values is not None and len(set(self.values)) != len(self.values):
+            raise ValueError(f"{self.name}: enum values must be unique")
+        if self.max_length is not None and self.type != "string":
+            raise ValueError(f"{self.name}: max_length applies to string fields only")
+        return self
+
+
+class CustomSchema(BaseModel):
+    """The custom profile fields (``PUT /api/v1/customers/schema``): values of declared
+    fields must have their type; ``allow_unknown`` lets undeclared keys through as before."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fields: list[CustomField] = Field(max_length=100)
+    allow_unknown: bool = False
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> CustomSchema:
+        names = [f.name for f in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError("field names must be unique")
+        return self
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields if f.required)
+
+    def check(self, custom: Mapping[str, Any], *, creating: bool) -> None:
+        """InvalidCustom naming the first field that does not fit. ``custom`` is what a write
+        gives (None removes a key); ``creating``: required fields must be there."""
+        declared = {f.name: f for f in self.fields}
+        for name, value in custom.items():
+            spec = declared.get(name)
+            if spec is None:
+                if not self.allow_unknown:
+                    raise InvalidCustom(name, "is not a declared custom field")
+                continue
+            if value is None:
+                if spec.required:
+                    raise InvalidCustom(name, "is required and cannot be removed")
+                continue
+            problem = _type_problem(spec, value)
+            if problem:
+                raise InvalidCustom(name, problem)
+        if creating:
+            for name in self.required:
+                if custom.get(name) is None:
+                    raise InvalidCustom(name, "is required")
+
+
+def _type_problem(spec: CustomField, value: Any) -> str | None:
+    """Why ``value`` is not of the field's type (None when it is)."""
+    kind = spec.type
+    if kind == "boolean":
+        return None if isinstance(value, bool) else "must be true or false"
+    if kind == "integer":
+        return None if type(value) is int else "must be an integer"
+    if kind == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else "must be a number"
+    if not isinstance(value, str):
+        return "must be a string"
+    if kind == "string":
+        if spec.max_length is not None and len(value) > spec.max_length:
+            return f"is longer than {spec.max_length} characters"
+        return None
+    if kind == "date":
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError:
+            return "must be a date (YYYY-MM-DD)"
+        return None if len(value) == 10 else "must be a date (YYYY-MM-DD)"
+    assert spec.values is not None
+    return None if value in spec.values else f"must be one of {', '.join(spec.values)}"
+
+
+class InvalidCustom(RequestError):
+    """A custom profile value does not fit the schema (422 ``invalid_custom`` naming it)."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"custom field {name!r} {problem}", code="invalid_custom", status=422)
+        self.details = {"field": name}
 
 
 def profile_facts(record: CustomerRecord | None) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from controller.apps import AppRegistry
     from controller.bots import BotGateway
     from controller.campaigns import CampaignRunner
+    from controller.cluster import Cluster
     from controller.customers import CustomerProfiles
     from controller.inbox import Inbox
     from controller.outbox import Dispatcher
@@ -46,3 +47,5 @@ CONNECTOR_CONTEXT: web.AppKey[ConnectorContext] = web.AppKey("connector_context"
 CUSTOMERS: web.AppKey[CustomerProfiles] = web.AppKey("customers")
 APPS: web.AppKey[AppRegistry] = web.AppKey("apps")
 CAMPAIGNS: web.AppKey[CampaignRunner] = web.AppKey("campaigns")
+# this process among others on PostgreSQL (None: one process, SQLite)
+CLUSTER: web.AppKey[Cluster | None] = web.AppKey("cluster")

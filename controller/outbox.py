@@ -201,6 +201,10 @@ class Dispatcher:
 
     def after_commit(self, record: DecisionRecord, committed: Committed) -> None:
         self.take(committed.outbox)
+        if len(committed.outbox) < len(record.outbox):
+            # Some rows stayed in the store, behind older rows of their lane (PostgreSQL):
+            # the poller delivers them in order.
+            self._wake.set()
 
     def take(self, rows: list[OutboxRow]) -> None:
         """Deliver rows just committed (and claimed in the same transaction) without polling.
@@ -239,9 +243,12 @@ class Dispatcher:
             return False
         return not self._lane_tasks
 
-    async def start(self) -> None:
+    async def start(self, *, shared: bool = False) -> None:
+        """``shared``: other processes deliver from the same store (PostgreSQL); their lanes
+        are theirs, and the store already keeps a lane's new rows behind its older ones."""
         # Lanes with rows left by a previous process are served from the store first.
-        self._blocked.update(await self._store.outbox_pending_lanes())
+        if not shared:
+            self._blocked.update(await self._store.outbox_pending_lanes())
         for row in await self._store.outbox_held():
             self._unconfirmed[(row.destination, row.idempotency_key)] = row.id
         self._task = asyncio.create_task(self._loop(), name="outbox")
@@ -295,9 +302,11 @@ class Dispatcher:
 
     async def _run_lane(self, key: tuple[str, str]) -> None:
         lane = self._lanes[key]
+        from_store = False
         try:
             while lane:
                 row, stored = lane.popleft()
+                from_store = from_store or stored
                 if not await self._deliver(row):
                     # The lane waits for the failed row's retry; rows behind it go back to
                     # the store, to be delivered after it.
@@ -317,8 +326,10 @@ class Dispatcher:
             del self._lane_tasks[key]
             if not lane:
                 self._lanes.pop(key, None)
-            if key in self._blocked:
-                self._wake.set()  # stored rows that waited behind this lane may be due now
+            if key in self._blocked or from_store:
+                # stored rows that waited behind this lane may be due now (a claim takes
+                # only the head row of each lane, so the next one is the poller's)
+                self._wake.set()
 
     def _handler(self, destination: str) -> tuple[str, Handler | None]:
         prefix = destination.split(":", 1)[0]

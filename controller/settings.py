@@ -12,10 +12,10 @@ import os
 import secrets
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -57,15 +57,53 @@ class AppDeliverySettings(BaseModel):
     backoff_max: float = Field(300.0, gt=0)
 
 
+SkillLevel = Annotated[int, Field(ge=1, le=10)]
+ChannelKind = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+DEFAULT_CAPACITY = 3
+
+
 class AgentSeed(BaseModel):
-    """An agent created at start (the dev profile's demo agents)."""
+    """An agent created at start (the dev profile's demo agents), or by the admin API.
+
+    ``capacity`` is the total over every channel; ``channels`` the capacity per channel kind
+    (``{"webchat": 3, "whatsapp": 2}``: a channel not listed is never offered). Without
+    ``capacity`` the total is the sum of ``channels`` (3 when neither is given). ``skills``:
+    ``{"billing": 7}`` (levels 1 to 10) or a list of names (each level 1).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    name: str
-    capacity: int = Field(3, ge=1, le=100)
-    skills: list[str] = Field(default_factory=list)
+    name: str = Field(min_length=1, max_length=200)
+    capacity: int | None = Field(None, ge=1, le=100)
+    channels: dict[ChannelKind, Annotated[int, Field(ge=0, le=100)]] = Field(
+        default_factory=dict, max_length=20
+    )
+    skills: list[str] | dict[str, SkillLevel] = Field(default_factory=list, max_length=50)
+    teams: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=20
+    )
+
+    def total_capacity(self) -> int:
+        if self.capacity is not None:
+            return self.capacity
+        return sum(self.channels.values()) if self.channels else DEFAULT_CAPACITY
+
+    def skill_levels(self) -> dict[str, int]:
+        if isinstance(self.skills, dict):
+            return dict(self.skills)
+        return dict.fromkeys(self.skills, 1)
+
+
+class QueueRouting(BaseModel):
+    """Who may be offered a queue's conversations: agents with these skills at these levels
+    or higher (on top of the route action's skills) and, when ``teams`` is not empty, in one
+    of these teams."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    skills: dict[str, SkillLevel] = Field(default_factory=dict)
+    teams: list[str] = Field(default_factory=list)
 
 
 class ConnectorInstance(BaseModel):
@@ -101,6 +139,11 @@ class Settings(BaseSettings):
     database_schema: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
     database_pool_min: int = Field(1, ge=0, le=1000)
     database_pool_max: int = Field(10, ge=1, le=1000)
+    # Several processes on PostgreSQL (docs/architecture.md, "Several processes"): every
+    # process heartbeats each interval (seconds, real time); one silent for the timeout is
+    # dead, and its conversations, timers and outbox rows are taken over by the others.
+    cluster_heartbeat_interval: float = Field(1.0, gt=0, le=60)
+    cluster_heartbeat_timeout: float = Field(5.0, gt=0, le=600)
     rules_dir: Path | None = None  # default: ./rules when present, else the packaged rules
     matcher: Literal["durable", "reference"] = "durable"
     rules_watch: bool = True  # poll rules_dir and reload when its files change
@@ -128,6 +171,8 @@ class Settings(BaseSettings):
     agents: list[AgentSeed] = Field(default_factory=list)
     connectors: list[ConnectorInstance] = Field(default_factory=_default_connectors)
     queues: list[str] = Field(default_factory=lambda: ["support"])  # rules may route only here
+    # Per queue: skills with minimum levels and teams its agents need (router).
+    queue_routing: dict[str, QueueRouting] = Field(default_factory=dict)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool = True
 
@@ -138,6 +183,16 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("database_url must be a postgresql:// URL (SQLite needs none)")
+        return value
+
+    @field_validator("cluster_heartbeat_timeout")
+    @classmethod
+    def _heartbeat_timeout(cls, value: float, info: ValidationInfo) -> float:
+        interval = info.data.get("cluster_heartbeat_interval")
+        if isinstance(interval, float) and value < 2 * interval:
+            raise ValueError(
+                "cluster_heartbeat_timeout must be at least twice cluster_heartbeat_interval"
+            )
         return value
 
     @field_validator("business_hours")

@@ -3,13 +3,20 @@
 Firing a timer is one transaction that deletes the row and stores a ``timer.fired`` event
 (dedupe key: conversation, name, generation), so a crash between the two cannot lose or
 double a firing. At start, every stored timer is loaded; overdue ones fire at once.
+
+Several processes (PostgreSQL): nothing is loaded at start. The heap holds the timers this
+process's decisions set; every ``poll`` seconds the process also claims due timers nobody has
+claimed (``FOR UPDATE SKIP LOCKED``, the claimer recorded) and fires them: timers of
+conversations taken over from a dead process, or set before this process started. The poll
+looks ``poll`` seconds back, so an owner's heap fires its own timers first; of two firings of
+one timer, the store lets one through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -20,6 +27,10 @@ from controller.store.base import Committed, DecisionRecord, Store, TimerRow
 
 log = structlog.get_logger(__name__)
 
+# (now, limit) -> due timers, now claimed by this process (``PostgresStore.claim_timers``)
+ClaimTimers = Callable[[datetime, int], Awaitable[list[TimerRow]]]
+_CLAIM_BATCH = 200
+
 
 class Timers:
     def __init__(
@@ -28,8 +39,13 @@ class Timers:
         clock: Clock,
         metrics: Metrics,
         notify: Callable[[Iterable[str]], None],
+        *,
+        claim: ClaimTimers | None = None,
+        poll: float = 1.0,
     ) -> None:
         self._store = store
+        self._claim = claim
+        self._poll = timedelta(seconds=poll)
         self._clock = clock
         self._metrics = metrics
         self._notify = notify
@@ -42,6 +58,9 @@ class Timers:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
+        if self._claim is not None:  # several processes: the poll finds them when due
+            self._task = asyncio.create_task(self._loop(), name="timers")
+            return 0
         rows = await self._store.timers()
         for row in rows:
             self._push(row)
@@ -52,6 +71,10 @@ class Timers:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+
+    def wake(self) -> None:
+        """Look for due timers now (claims of a dead process were released)."""
+        self._wake.set()
 
     def after_commit(self, record: DecisionRecord, committed: Committed) -> None:
         cid = record.after.id
@@ -105,10 +128,26 @@ class Timers:
             if accepted is not None:
                 self._metrics.timers_fired.inc()
                 self._notify([accepted.conversation_id])
+        if self._claim is not None:
+            await self._fire_claimed(now)
         self._metrics.timers_pending.set(len(self._current))
         deadline = (
             datetime.fromtimestamp(self._heap[0][0], UTC)
             if self._heap
             else now + timedelta(hours=1)
         )
+        if self._claim is not None:
+            deadline = min(deadline, now + self._poll)
         await sleep_until_woken(self._clock, deadline, self._wake)
+
+    async def _fire_claimed(self, now: datetime) -> None:
+        assert self._claim is not None
+        while True:
+            rows = await self._claim(now - self._poll, _CLAIM_BATCH)
+            for row in rows:
+                accepted = await self._store.fire_timer(row, now)
+                if accepted is not None:
+                    self._metrics.timers_fired.inc()
+                    self._notify([accepted.conversation_id])
+            if len(rows) < _CLAIM_BATCH:
+                return

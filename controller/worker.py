@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -36,6 +36,19 @@ QueueFacts = Callable[[Conversation], dict[str, Any] | None]
 CustomerFacts = Callable[[Conversation], Awaitable[dict[str, Any] | None]]
 # Outbox rows for the apps subscribed to an event (the app registry's ``subscribers``).
 Subscribers = Callable[[Event, Conversation], list[NewOutbox]]
+
+
+class Leases(Protocol):
+    """Several processes: who may decide a conversation (``controller.cluster.Cluster``)."""
+
+    async def lease(self, conversation_id: str) -> int | None:
+        """The fencing token to decide with; None when another process decides it."""
+
+    def lost(self, conversation_id: str) -> None: ...
+
+    async def release(self, conversation_id: str) -> None: ...
+
+
 _BATCH = 100
 
 
@@ -57,8 +70,10 @@ class Workers:
         queue_facts: QueueFacts | None = None,
         customer_facts: CustomerFacts | None = None,
         subscribers: Subscribers | None = None,
+        leases: Leases | None = None,
     ) -> None:
         self._store = store
+        self._leases = leases
         self._subscribers = subscribers
         self._customer_facts = customer_facts
         self._queue_facts = queue_facts
@@ -115,6 +130,12 @@ class Workers:
         self.notify(cid for cid, _ in heads)
         return len(heads)
 
+    def adopt(self, heads: list[tuple[str, str]]) -> None:
+        """Several processes: conversations taken over from a process that died, with their
+        first undecided event (decided by the reference evaluator, as in ``recover``)."""
+        self._recovering.update(event_id for _, event_id in heads)
+        self.notify(cid for cid, _ in heads)
+
     @property
     def idle(self) -> bool:
         return self._idle.is_set()
@@ -153,18 +174,29 @@ class Workers:
 
     async def _run(self, cid: str) -> bool:
         """Decide a batch of the conversation's events; True if more may be waiting."""
+        lease: int | None = None
+        if self._leases is not None:
+            lease = await self._leases.lease(cid)
+            if lease is None:
+                return False  # another process decides it, and has been told
         conv, events = await self._store.load_for_decision(cid, limit=_BATCH)
         if conv is None:
             log.error("events_for_unknown_conversation", conversation_id=cid)
             return False
         for event in events:
-            decided = await self._decide(conv, event)
+            decided = await self._decide(conv, event, lease)
             if decided is None:
                 return True
             conv = decided
-        return len(events) == _BATCH
+        more = len(events) == _BATCH
+        # Closed, and nothing new arrived meanwhile: the lease can go.
+        if self._leases is not None and conv.state == "closed" and not (more or cid in self._again):
+            await self._leases.release(cid)
+        return more
 
-    async def _decide(self, conv: Conversation, event: Event) -> Conversation | None:
+    async def _decide(
+        self, conv: Conversation, event: Event, lease: int | None = None
+    ) -> Conversation | None:
         started = time.perf_counter()
         structlog.contextvars.bind_contextvars(conversation_id=conv.id, event_id=event.id)
         try:
@@ -174,10 +206,13 @@ class Workers:
             # Deliveries to subscribed apps commit with the decision (no event is announced
             # that was not decided, none decided without its announcements).
             record.outbox.extend(self._announcements(conv, record))
+            record.lease = lease
             try:
                 committed = await self._store.commit_decision(record, self._clock.now())
             except Conflict as exc:
                 log.warning("decision_conflict", reason=exc.message)
+                if exc.code == "lease_lost" and self._leases is not None:
+                    self._leases.lost(conv.id)  # the next run asks who holds it now
                 return None
             self._recovering.discard(event.id)
             # Events the decision emitted (conversation.closed, agent.left...) are decided next.

@@ -11,16 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from controller.api.common import authenticate, hash_token, read_json
 from controller.errors import NotFound
 from controller.keys import CLOCK, ROUTER, STORE
+from controller.settings import AgentSeed
 from controller.store.base import AgentRecord
 
 
-class AgentBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    name: str = Field(min_length=1, max_length=200)
-    capacity: int = Field(3, ge=1, le=100)
-    skills: list[str] = Field(default_factory=list, max_length=50)
+class AgentBody(AgentSeed):
+    """``POST /api/v1/agents``: the same fields as an agent in the settings."""
 
 
 class TokenBody(BaseModel):
@@ -38,13 +34,22 @@ async def ensure_agent(app: web.Application, body: AgentBody) -> None:
         id=body.id,
         name=body.name,
         presence=existing.presence if existing else "offline",
-        capacity=body.capacity,
-        skills=tuple(body.skills),
+        capacity=body.total_capacity(),
+        skills=body.skill_levels(),
         idle_since=existing.idle_since if existing else now,
+        channels=dict(body.channels),
+        teams=tuple(body.teams),
     )
     await store.upsert_agent(record)
     router.add_agent(
-        record.id, record.name, record.capacity, record.skills, record.presence, record.idle_since
+        record.id,
+        record.name,
+        record.capacity,
+        record.skills,
+        record.presence,
+        record.idle_since,
+        channels=record.channels,
+        teams=record.teams,
     )
 
 

@@ -182,6 +182,16 @@ def http_idempotency_key(request: web.Request, principal: Principal) -> str | No
     return f"{route}:{key}"
 
 
+def _path_id(request: web.Request, name: str) -> str:
+    """An id from the path. One longer than the commands take names nothing: a 404, where
+    the command's validation would fail the request."""
+    value = request.match_info[name]
+    if len(value) > 100:  # the bound of the commands' id fields
+        kind = name.removesuffix("_id")
+        raise NotFound(f"unknown {kind} {value[:40]!r}...", code=f"unknown_{kind}")
+    return value
+
+
 async def agent_principal(request: web.Request) -> Principal:
     principal = await authenticate(request, "agent")
     if not request.app[ROUTER].agent_known(principal.subject):
@@ -202,13 +212,13 @@ async def presence(request: web.Request) -> web.Response:
 
 async def accept(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
-    cmd = Accept(offer_id=request.match_info["offer_id"])
+    cmd = Accept(offer_id=_path_id(request, "offer_id"))
     return web.json_response(await run_command(request.app, principal.subject, cmd, None))
 
 
 async def decline(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
-    cmd = Decline(offer_id=request.match_info["offer_id"])
+    cmd = Decline(offer_id=_path_id(request, "offer_id"))
     return web.json_response(await run_command(request.app, principal.subject, cmd, None))
 
 
@@ -226,7 +236,7 @@ class _CloseBody(BaseModel):
 async def close(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
     body = await read_json(request, _CloseBody) if request.can_read_body else _CloseBody()
-    cmd = Close(conversation_id=request.match_info["conversation_id"], reason=body.reason)
+    cmd = Close(conversation_id=_path_id(request, "conversation_id"), reason=body.reason)
     key = http_idempotency_key(request, principal)
     result = await run_command(request.app, principal.subject, cmd, key)
     return web.json_response(result, status=200 if result["duplicate"] else 202)
@@ -240,7 +250,7 @@ class _InviteBody(BaseModel):
 async def invite(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
     body = await read_json(request, _InviteBody)
-    cmd = Invite(conversation_id=request.match_info["conversation_id"], agent=body.agent)
+    cmd = Invite(conversation_id=_path_id(request, "conversation_id"), agent=body.agent)
     key = http_idempotency_key(request, principal)
     result = await run_command(request.app, principal.subject, cmd, key)
     return web.json_response(result, status=200 if result["duplicate"] else 202)
@@ -260,7 +270,7 @@ async def post_message(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
     body = await read_json(request, _MessageBody)
     cmd = SendMessage(
-        conversation_id=request.match_info["conversation_id"], text=body.text, to=body.to
+        conversation_id=_path_id(request, "conversation_id"), text=body.text, to=body.to
     )
     result = await run_command(
         request.app, principal.subject, cmd, http_idempotency_key(request, principal)
@@ -271,7 +281,7 @@ async def post_message(request: web.Request) -> web.Response:
 async def leave(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
     body = await read_json(request, _LeaveBody) if request.can_read_body else _LeaveBody()
-    cmd = Leave(conversation_id=request.match_info["conversation_id"], reason=body.reason)
+    cmd = Leave(conversation_id=_path_id(request, "conversation_id"), reason=body.reason)
     result = await run_command(
         request.app, principal.subject, cmd, http_idempotency_key(request, principal)
     )
@@ -281,9 +291,7 @@ async def leave(request: web.Request) -> web.Response:
 async def wrap_up(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
     body = await read_json(request, _WrapUpBody)
-    cmd = WrapUp(
-        conversation_id=request.match_info["conversation_id"], disposition=body.disposition
-    )
+    cmd = WrapUp(conversation_id=_path_id(request, "conversation_id"), disposition=body.disposition)
     result = await run_command(
         request.app, principal.subject, cmd, http_idempotency_key(request, principal)
     )
@@ -301,7 +309,7 @@ async def transfer(request: web.Request) -> web.Response:
     body = await read_json(request, _TransferBody)
     try:
         cmd = Transfer(
-            conversation_id=request.match_info["conversation_id"],
+            conversation_id=_path_id(request, "conversation_id"),
             queue=body.queue,
             agent=body.agent,
         )

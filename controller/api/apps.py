@@ -250,7 +250,8 @@ def _delivery(entry: OutboxEntry, *, payload: bool = False) -> dict[str, Any]:
         "status": entry.status,
         "event_type": row.payload.get("type"),
         "event_id": row.event_id,
-        "conversation_id": row.conversation_id,
+        # a profile notification's lane is its customer: it names no conversation (null)
+        "conversation_id": row.payload.get("conversation_id", row.conversation_id),
         "attempts": row.attempts,
         "replays": entry.replays,
         "last_error": entry.last_error,
@@ -279,6 +280,8 @@ async def list_deliveries(request: web.Request) -> web.Response:
         ) from None
     if not 1 <= limit <= 200:
         raise RequestError("limit must be 1 to 200", code="invalid_query", status=422)
+    if before is not None and not 0 <= before < 2**63:  # row ids are 64-bit in the store
+        raise RequestError("cursor is out of range", code="invalid_query", status=422)
     entries = await request.app[STORE].outbox_entries(
         destination(app_id), status=status, limit=limit + 1, before_id=before
     )
@@ -296,7 +299,7 @@ async def _entry(request: web.Request, app_id: str) -> OutboxEntry:
     raw = request.match_info["delivery_id"]
     event_id, sep, n = raw.rpartition(":")
     entry = None
-    if sep and event_id and n.isdigit():
+    if sep and event_id and n.isascii() and n.isdigit() and len(n) <= 9:  # 32-bit in the store
         entry = await request.app[STORE].outbox_entry(destination(app_id), event_id, int(n))
     if entry is None:
         raise NotFound(f"unknown delivery {raw!r}", code="unknown_delivery")

@@ -30,7 +30,7 @@ from pydantic import (
 from pydantic import StringConstraints as Str
 
 from controller.api.apps import route_scope
-from controller.api.common import Principal
+from controller.api.common import Principal, refuse_bad_text
 from controller.apps import require_scope
 from controller.campaigns import (
     ACTIVE,
@@ -177,6 +177,7 @@ async def _read(request: web.Request, model: type[CreateBody] | type[OptOutBody]
         data = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"malformed JSON: {exc}", code="malformed_json") from exc
+    refuse_bad_text(raw, data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -412,7 +413,8 @@ async def recipients(request: web.Request) -> web.Response:
         )
     limit = _page_size(request, 50, 1000)
     cursor = request.query.get("cursor")
-    if cursor is not None and not cursor.isdigit():
+    # ASCII digits only (``isdigit`` also takes "²"), and within the store's 32-bit positions
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 9):
         raise RequestError("cursor must be a number", code="invalid_query", status=422)
     found = await request.app[STORE].campaign_recipients(
         campaign.id, status=status, limit=limit + 1, after=int(cursor) if cursor else None

@@ -56,6 +56,48 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_body(500, "internal", "internal error")
 
 
+BAD_TEXT = "text may not contain NUL characters (U+0000) or unpaired surrogates"
+
+
+def has_bad_text(data: object) -> bool:
+    """Whether a parsed JSON value holds, in a string or a key, a NUL character or an
+    unpaired surrogate (a ``\\ud800`` escape alone).
+
+    PostgreSQL stores neither in text or JSONB, and neither is text a channel can send, so
+    such input is refused at the door, on either store (the API answers the same on both)."""
+    if isinstance(data, str):
+        if "\x00" in data:
+            return True
+        if data.isascii():
+            return False
+        try:
+            data.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(data, dict):
+        return any(has_bad_text(k) or has_bad_text(v) for k, v in data.items())
+    if isinstance(data, list):
+        return any(has_bad_text(v) for v in data)
+    return False
+
+
+def refuse_bad_text(raw: bytes, data: object, status: int = 422) -> None:
+    """Refuse a parsed JSON body holding bad text. UTF-8 JSON carries it only as a ``\\u``
+    escape; a UTF-16 or UTF-32 body (which ``json.loads`` reads too) has NUL bytes."""
+    if (b"\\u" in raw or b"\x00" in raw) and has_bad_text(data):
+        raise RequestError(BAD_TEXT, code="invalid_text", status=status)
+
+
+@web.middleware
+async def text_guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A 400 for a NUL character in the path or the query (see ``has_bad_text``)."""
+    query = request.query.items()
+    if "\x00" in request.path or any(has_bad_text(k) or has_bad_text(v) for k, v in query):
+        raise RequestError(BAD_TEXT, code="invalid_text")
+    return await handler(request)
+
+
 def _count(request: web.Request, status: int, code: str) -> None:
     metrics = request.app.get(METRICS)
     if metrics is not None:
@@ -78,6 +120,7 @@ async def read_json(request: web.Request, model: type[M]) -> M:
         data = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"malformed JSON: {exc}", code="malformed_json") from exc
+    refuse_bad_text(raw, data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

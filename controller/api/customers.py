@@ -8,8 +8,10 @@ write's own transaction): a replay gets the original answer, another body with i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import structlog
@@ -25,15 +27,22 @@ from pydantic import (
 )
 from pydantic import StringConstraints as Str
 
-from controller.api.common import Principal, authenticate, read_json
-from controller.customers import normalize_email, normalize_identity, normalize_phone
+from controller.api.common import Principal, authenticate, read_json, refuse_bad_text
+from controller.customers import (
+    CustomSchema,
+    ProfileNotices,
+    normalize_email,
+    normalize_identity,
+    normalize_phone,
+)
 from controller.customers import parse_identity as parse_identity_text
 from controller.errors import NotFound, RequestError
-from controller.keys import CLOCK, CUSTOMERS, INBOX, SETTINGS, STORE
+from controller.keys import APPS, CLOCK, CUSTOMERS, DISPATCHER, INBOX, SETTINGS, STORE
 from controller.models import NewEvent
 from controller.store.base import (
     CustomerQuery,
     CustomerRecord,
+    CustomerSchema,
     IdempotencyKey,
     Identity,
     Replay,
@@ -49,6 +58,8 @@ ERASED = "[erased]"
 BULK_MAX_BYTES = 1 << 30
 BULK_BATCH = 500
 BULK_MAX_FAILURES = 10_000
+# the streamed export reads this many profiles per store query
+EXPORT_PAGE = 500
 
 CustomKey = Annotated[str, Str(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 CustomValue = StrictBool | StrictInt | StrictFloat | Annotated[str, Str(max_length=1000)]
@@ -162,11 +173,23 @@ def _if_match(request: web.Request, *, required: bool) -> int | None:
     if tag == "*":
         return None
     tag = tag.removeprefix("W/").strip('"')
-    return int(tag) if tag.isdigit() else -1  # a malformed tag matches no version: 412
+    # a malformed tag matches no version: 412
+    return int(tag) if tag.isascii() and tag.isdigit() and len(tag) <= 18 else -1
 
 
 def _customer_id(request: web.Request) -> str:
     return request.match_info["customer_id"]
+
+
+def _notices(request: web.Request) -> ProfileNotices:
+    """The apps that hear profile notifications, as subscribed when this write starts."""
+    return request.app[APPS].profile_notices()
+
+
+def _delivered(request: web.Request, notices: ProfileNotices) -> None:
+    """After the commit: the dispatcher's poller claims the notification rows now."""
+    if notices.anyone:
+        request.app[DISPATCHER].wake()
 
 
 async def create(request: web.Request) -> web.Response:
@@ -174,12 +197,17 @@ async def create(request: web.Request) -> web.Response:
     body = await read_json(request, CreateBody)
     region = _region(request)
     identities = [normalize_identity(i.kind, i.value, region) for i in body.identities]
+    schema = await _schema(request)
+    if schema is not None:
+        schema.check(body.custom, creating=True)
     key = _idempotency(request, principal, body.model_dump(mode="json"))
+    notices = _notices(request)
     result = await request.app[STORE].create_customer(
-        _profile(request, body), identities, request.app[CLOCK].now(), key
+        _profile(request, body), identities, request.app[CLOCK].now(), key, notify=notices
     )
     if isinstance(result, Replay):
         return _replayed(result)
+    _delivered(request, notices)
     request.app[CUSTOMERS].written(result)
     log.info("customer_created", customer_id=result.id)
     response = _respond(result, 201)
@@ -208,13 +236,19 @@ async def patch(request: web.Request) -> web.Response:
     await authenticate(request, *WRITERS)
     expected = _if_match(request, required=True)
     body = await read_json(request, PatchBody)
+    schema = await _schema(request)
+    if schema is not None:
+        schema.check(body.custom, creating=False)
     before = await request.app[STORE].customer(_customer_id(request))
+    notices = _notices(request)
     record = await request.app[STORE].update_customer(
         _customer_id(request),
         _profile(request, body),
         request.app[CLOCK].now(),
         expected_version=expected,
+        notify=notices,
     )
+    _delivered(request, notices)
     request.app[CUSTOMERS].written(record)
     identified = before is not None and not before.known and record.known
     kind = "customer.identified" if identified else "customer.updated"
@@ -228,14 +262,22 @@ async def delete(request: web.Request) -> web.Response:
     await authenticate(request, *(("admin",) if erase else WRITERS))
     customer_id = _customer_id(request)
     store = request.app[STORE]
+    notices = _notices(request)
     if erase:
-        version = await store.erase_customer(customer_id, request.app[CLOCK].now(), ERASED)
+        version = await store.erase_customer(
+            customer_id, request.app[CLOCK].now(), ERASED, notify=notices
+        )
+        _delivered(request, notices)
         request.app[CUSTOMERS].deleted(customer_id, version)
         log.info("customer_erased", customer_id=customer_id)
         return web.Response(status=204)
     version = await store.delete_customer(
-        customer_id, request.app[CLOCK].now(), expected_version=_if_match(request, required=False)
+        customer_id,
+        request.app[CLOCK].now(),
+        expected_version=_if_match(request, required=False),
+        notify=notices,
     )
+    _delivered(request, notices)
     request.app[CUSTOMERS].deleted(customer_id, version)
     log.info("customer_deleted", customer_id=customer_id)
     return web.Response(status=204)
@@ -247,6 +289,21 @@ def _bool(name: str, value: str | None) -> bool | None:
     if value in ("true", "false"):
         return value == "true"
     raise RequestError(f"{name} must be true or false", code="invalid_query", status=422)
+
+
+def _since(value: str | None) -> datetime | None:
+    """``updated_since``: an ISO 8601 time (UTC when it names no offset)."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace(" ", "+"))
+    except ValueError:
+        raise RequestError(
+            "updated_since must be an ISO 8601 time, e.g. 2026-01-05T09:00:00Z",
+            code="invalid_query",
+            status=422,
+        ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 async def list_all(request: web.Request) -> web.Response:
@@ -269,9 +326,47 @@ async def list_all(request: web.Request) -> web.Response:
         phone=phone,
         external_id=q.get("external_id"),
         name_prefix=q.get("name") or None,
+        updated_since=_since(q.get("updated_since")),
     )
     records, cursor = await request.app[STORE].list_customers(query)
     return web.json_response({"customers": [r.as_dict() for r in records], "next_cursor": cursor})
+
+
+async def export_all(request: web.Request) -> web.StreamResponse:
+    """Every live profile with its identities as NDJSON, in id order, streamed page by page.
+
+    Memory stays constant: one page of ``EXPORT_PAGE`` profiles is read (a keyset query
+    after the last id sent), written, and dropped before the next. Each profile appears
+    once; one changed during the export appears as it was when its page was read.
+    ``Convctl-Export-Started-At`` is the service time the export began: the next
+    incremental export passes it (less a margin) as ``updated_since``.
+    """
+    await authenticate(request, *WRITERS)
+    known = _bool("known", request.query.get("known"))
+    since = _since(request.query.get("updated_since"))
+    store = request.app[STORE]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/x-ndjson",
+            "Convctl-Export-Started-At": request.app[CLOCK].now().isoformat(),
+        }
+    )
+    await response.prepare(request)
+    cursor: str | None = None
+    sent = 0
+    while True:
+        records, cursor = await store.list_customers(
+            CustomerQuery(limit=EXPORT_PAGE, cursor=cursor, known=known, updated_since=since)
+        )
+        if records:
+            lines = "".join(json.dumps(r.as_dict(), separators=(",", ":")) + "\n" for r in records)
+            await response.write(lines.encode())  # waits while the client is slow to read
+            sent += len(records)
+        if cursor is None:
+            break
+    await response.write_eof()
+    log.info("customers_exported", profiles=sent, known=known, updated_since=str(since))
+    return response
 
 
 async def lookup(request: web.Request) -> web.Response:
@@ -293,11 +388,13 @@ async def attach_identity(request: web.Request) -> web.Response:
     key = _idempotency(request, principal, body.model_dump(mode="json"))
     store = request.app[STORE]
     before = await store.customer(_customer_id(request))
+    notices = _notices(request)
     result = await store.attach_identity(
-        _customer_id(request), identity, request.app[CLOCK].now(), key
+        _customer_id(request), identity, request.app[CLOCK].now(), key, notify=notices
     )
     if isinstance(result, Replay):
         return _replayed(result)
+    _delivered(request, notices)
     request.app[CUSTOMERS].written(result)
     log.info("customer_identified", customer_id=result.id, kind=identity.kind)
     if before is None or before.version != result.version:
@@ -316,12 +413,14 @@ class _BulkReport:
             self.failures.append({"line": line, "code": code, "message": message})
 
 
-def _bulk_line(request: web.Request, raw: bytes) -> dict[str, Any]:
-    """A line's normalized fields; RequestError for a line that cannot be applied."""
+def _bulk_line(request: web.Request, raw: bytes, schema: CustomSchema | None) -> dict[str, Any]:
+    """A line's normalized fields; RequestError for a line that cannot be applied (the
+    schema's required fields are checked by the store, for lines that create a profile)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"malformed JSON: {exc}", code="malformed_json") from exc
+    refuse_bad_text(raw, data, status=400)
     try:
         line = BulkLine.model_validate(data)
     except ValidationError as exc:
@@ -329,17 +428,29 @@ def _bulk_line(request: web.Request, raw: bytes) -> dict[str, Any]:
             f"{'.'.join(str(p) for p in e['loc']) or 'line'}: {e['msg']}" for e in exc.errors()
         )
         raise RequestError(f"invalid line: {details}", code="invalid_line") from exc
+    if schema is not None:
+        schema.check(line.custom, creating=False)
     fields = _profile(request, line)
     fields["external_id"] = line.external_id.strip()
     return fields
 
 
 async def _bulk_flush(
-    request: web.Request, batch: list[tuple[int, dict[str, Any]]], report: _BulkReport
+    request: web.Request,
+    batch: list[tuple[int, dict[str, Any]]],
+    report: _BulkReport,
+    schema: CustomSchema | None,
 ) -> None:
     if not batch:
         return
-    outcomes = await request.app[STORE].bulk_upsert_customers(batch, request.app[CLOCK].now())
+    notices = _notices(request)
+    outcomes = await request.app[STORE].bulk_upsert_customers(
+        batch,
+        request.app[CLOCK].now(),
+        notify=notices,
+        required_custom=schema.required if schema is not None else (),
+    )
+    _delivered(request, notices)
     profiles = request.app[CUSTOMERS]
     for outcome in outcomes:
         if outcome.outcome == "failed":
@@ -349,6 +460,44 @@ async def _bulk_flush(
         if outcome.record is not None and outcome.outcome != "unchanged":
             profiles.written(outcome.record)
     batch.clear()
+
+
+class _Batches:
+    """Lines go to the store in batches of ``BULK_BATCH``, one batch in flight while the next
+    is read and validated: the store's writer and the parsing overlap. Batches still commit
+    one after the other, in file order."""
+
+    def __init__(
+        self, request: web.Request, report: _BulkReport, schema: CustomSchema | None
+    ) -> None:
+        self._request = request
+        self._report = report
+        self._schema = schema
+        self._lines: list[tuple[int, dict[str, Any]]] = []
+        self._in_flight: asyncio.Future[None] | None = None
+
+    async def add(self, number: int, fields: dict[str, Any]) -> None:
+        self._lines.append((number, fields))
+        if len(self._lines) >= BULK_BATCH:
+            await self._send()
+
+    async def _send(self) -> None:
+        await self._wait()
+        if self._lines:
+            batch, self._lines = self._lines, []
+            self._in_flight = asyncio.ensure_future(
+                _bulk_flush(self._request, batch, self._report, self._schema)
+            )
+
+    async def _wait(self) -> None:
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            await in_flight
+
+    async def finish(self) -> None:
+        """Send what is left and wait until every batch is stored."""
+        await self._send()
+        await self._wait()
 
 
 async def bulk(request: web.Request) -> web.Response:
@@ -361,13 +510,14 @@ async def bulk(request: web.Request) -> web.Response:
             status=415,
         )
     report = _BulkReport()
-    batch: list[tuple[int, dict[str, Any]]] = []
+    schema = await _schema(request)  # one version for the whole file
+    batches = _Batches(request, report, schema)
     number = size = 0
     while True:
         try:
             raw = await request.content.readline()
         except ValueError as exc:  # aiohttp's bound on one line
-            await _bulk_flush(request, batch, report)
+            await batches.finish()
             raise RequestError(
                 f"line {number + 1} is too long (lines before it were applied)",
                 code="line_too_long",
@@ -378,7 +528,7 @@ async def bulk(request: web.Request) -> web.Response:
         number += 1
         size += len(raw)
         if size > BULK_MAX_BYTES:
-            await _bulk_flush(request, batch, report)
+            await batches.finish()
             raise RequestError(
                 f"body larger than {BULK_MAX_BYTES} bytes (lines before {number} were applied)",
                 code="too_large",
@@ -388,12 +538,12 @@ async def bulk(request: web.Request) -> web.Response:
             continue
         report.counts["lines"] += 1
         try:
-            batch.append((number, _bulk_line(request, raw)))
+            fields = _bulk_line(request, raw, schema)
         except RequestError as exc:
             report.fail(number, exc.code, exc.message)
-        if len(batch) >= BULK_BATCH:
-            await _bulk_flush(request, batch, report)
-    await _bulk_flush(request, batch, report)
+        else:
+            await batches.add(number, fields)
+    await batches.finish()
     log.info("customers_bulk_upserted", **report.counts)
     return web.json_response(
         {
@@ -409,9 +559,11 @@ async def merge(request: web.Request) -> web.Response:
     await authenticate(request, *WRITERS)
     body = await read_json(request, MergeBody)
     store = request.app[STORE]
+    notices = _notices(request)
     result = await store.merge_customers(
-        _customer_id(request), body.from_id, request.app[CLOCK].now()
+        _customer_id(request), body.from_id, request.app[CLOCK].now(), notify=notices
     )
+    _delivered(request, notices)
     profiles = request.app[CUSTOMERS]
     profiles.written(result.record)
     profiles.deleted(result.from_id, result.from_version)
@@ -468,6 +620,55 @@ async def export(request: web.Request) -> web.Response:
     )
 
 
+async def _schema(request: web.Request) -> CustomSchema | None:
+    """The custom field schema in force (None: any scalar custom value is accepted)."""
+    stored = await request.app[STORE].customer_schema()
+    return CustomSchema.model_validate(stored.document) if stored is not None else None
+
+
+def _schema_answer(stored: CustomerSchema | None) -> web.Response:
+    if stored is None:  # no schema: version 0, every key allowed
+        body: dict[str, Any] = {"version": 0, "fields": [], "allow_unknown": True}
+        body["created_at"] = None
+    else:
+        body = {"version": stored.version, **stored.document}
+        body["created_at"] = stored.created_at.isoformat()
+    return web.json_response(body, headers={"ETag": f'"{body["version"]}"'})
+
+
+async def get_schema(request: web.Request) -> web.Response:
+    """The custom field schema in force, or ``?version=N`` (an older one)."""
+    await authenticate(request, *READERS)
+    raw = request.query.get("version")
+    if raw is None:
+        return _schema_answer(await request.app[STORE].customer_schema())
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        raise RequestError("version must be a number", code="invalid_query", status=422)
+    stored = await request.app[STORE].customer_schema(int(raw))
+    if stored is None:
+        raise NotFound(f"no customer schema version {raw}", code="unknown_schema_version")
+    return _schema_answer(stored)
+
+
+async def put_schema(request: web.Request) -> web.Response:
+    """Replace the custom field schema (admin): a new version, unless it is the same.
+
+    Stored profiles are not re-checked: the schema applies to writes from now on.
+    ``If-Match`` (optional) names the version this one replaces (``"0"``: none yet).
+    """
+    await authenticate(request, "admin")
+    expected = _if_match(request, required=False)
+    body = await read_json(request, CustomSchema)
+    stored, created = await request.app[STORE].save_customer_schema(
+        body.model_dump(mode="json", exclude_none=True),
+        request.app[CLOCK].now(),
+        expected_version=expected,
+    )
+    if created:
+        log.info("customer_schema_saved", version=stored.version, fields=len(body.fields))
+    return _schema_answer(stored)
+
+
 async def _announce(
     app: web.Application,
     record: CustomerRecord,
@@ -501,6 +702,9 @@ def routes() -> list[web.RouteDef]:
         web.post("/api/v1/customers", create),
         web.get("/api/v1/customers", list_all),
         web.get("/api/v1/customers/lookup", lookup),
+        web.get("/api/v1/customers/export", export_all),
+        web.get("/api/v1/customers/schema", get_schema),
+        web.put("/api/v1/customers/schema", put_schema),
         web.post("/api/v1/customers/bulk", bulk),
         web.get("/api/v1/customers/{customer_id}", get_one),
         web.patch("/api/v1/customers/{customer_id}", patch),

@@ -86,6 +86,16 @@ async def _customer_of(app: web.Application, kind: str, identity: str) -> str:
     return found.id if found is not None else ""
 
 
+async def _starting(app: web.Application, conversation_id: str, agent_id: str) -> bool:
+    """The agent's own outbound message opened the conversation and is not decided yet (the
+    agent is not a participant until then): a second message continues it, not a 409."""
+    return any(
+        event.type == "agent.outbound" and event.data.get("agent_id") == agent_id
+        for event, status in await app[STORE].events(conversation_id)
+        if status == "pending"
+    )
+
+
 async def start_conversation(request: web.Request) -> web.Response:
     principal = await agent_principal(request)
     body = await read_json(request, _OutboundBody)
@@ -102,6 +112,7 @@ async def start_conversation(request: web.Request) -> web.Response:
         conv is not None
         and conv.state != "closed"
         and conv.find("agent", principal.subject) is None
+        and not await _starting(app, conv.id, principal.subject)
     ):
         raise Conflict(
             f"the customer is in open conversation {conv.id} ({conv.state})",

@@ -558,7 +558,8 @@ ACTION_HELP: Mapping[str, ActionHelp] = {
         {
             "queue": "a configured queue (setting `queues`), or a template",
             "priority": "a whole number or `low`, `normal` (default), `high`, `urgent`",
-            "skills": "skills the agent needs",
+            "skills": "skills the agent needs: `billing` (any level) or `billing:5` (level 5"
+            " or more, up to 10); the queue's `queue_routing` setting may add more",
         },
     ),
     "assign": ActionHelp(

@@ -67,6 +67,7 @@ FIELDS: Mapping[str, FieldType] = {
     "queue.position": "num",
     "queue.estimated_wait": "num",
     "queue.agents_available": "num",
+    "queue.waiting": "num",
     "queue.open": "bool",
     # the clock, in the configured timezone
     "now.local_time": "str",
@@ -173,8 +174,10 @@ FIELD_DESCRIPTIONS: Mapping[str, str] = {
         "last 20 handled conversations (times the offer timeout before any)"
     ),
     "queue.agents_available": (
-        "agents available now with free capacity and the conversation's skills"
+        "agents who could be offered the conversation now: available, room on its channel and"
+        " in total, its skills at their levels, in one of the queue's teams (if it names any)"
     ),
+    "queue.waiting": "conversations waiting in the queue now (offered ones included)",
     "queue.open": "the queue is open now (always `true`: business hours are not built yet)",
     "now.local_time": 'the time in the `timezone` setting, e.g. `"14:05"`',
     "now.weekday": "`mon` … `sun`, in the `timezone` setting",

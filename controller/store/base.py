@@ -10,7 +10,7 @@ the conversation inside the same transactions.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -127,6 +127,10 @@ class DecisionRecord:
     assigned_agents: list[str] = field(default_factory=list)
     # the facts the rules saw (None when no rule was consulted, e.g. a stale timer)
     facts: dict[str, Any] | None = None
+    # Several processes (PostgreSQL): the fencing token of the lease the decision was made
+    # under; the commit is refused (Conflict ``lease_lost``) unless this process still holds
+    # the conversation's lease with this token. None: no lease (one process, SQLite).
+    lease: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +138,13 @@ class AgentRecord:
     id: str
     name: str
     presence: str
-    capacity: int
-    skills: tuple[str, ...]
+    capacity: int  # in total, over every channel
+    skills: Mapping[str, int]  # name -> level, 1 to 10
     idle_since: datetime
+    # Capacity per channel kind (``webchat``, ``whatsapp``...); empty: any channel, up to
+    # ``capacity``. A channel not listed in a non-empty mapping is not offered at all.
+    channels: Mapping[str, int] = field(default_factory=dict)
+    teams: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +155,24 @@ class OfferRecord:
     status: str
     created_at: datetime
     expires_at: datetime
+
+
+def offered_event(offer: OfferRecord) -> NewEvent:
+    """The ``agent.offered`` event stored with a new offer (dedupe key: the offer id)."""
+    return NewEvent(
+        type="agent.offered",
+        source="router",
+        dedupe_key=f"{offer.id}:offered",
+        conversation_id=offer.conversation_id,
+        data={"agent_id": offer.agent_id, "offer_id": offer.id},
+    )
+
+
+def skill_levels(stored: Any) -> dict[str, int]:
+    """An agent's stored skills as {name: level}: a plain list (before levels) is level 1."""
+    if isinstance(stored, Mapping):
+        return {str(name): int(level) for name, level in stored.items()}
+    return {str(name): 1 for name in stored}
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +194,8 @@ class RouterSnapshot:
     assignments: list[tuple[str, str]]  # (agent_id, conversation_id)
     tried: list[tuple[str, str]]  # (conversation_id, agent_id) that declined or let an offer expire
     accepting: list[str]  # conversations whose agent.accepted event is not decided yet
+    # conversation -> channel kind, for the queued, offered and assigned conversations
+    channels: dict[str, str] = field(default_factory=dict)
 
 
 class Store(abc.ABC):
@@ -228,7 +256,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def commit_decision(self, record: DecisionRecord, now: datetime) -> Committed:
-        """Apply one decision atomically; raises Conflict if the snapshot version moved."""
+        """Apply one decision atomically; raises Conflict if the snapshot version moved (or,
+        with ``record.lease``, if this process no longer holds the conversation's lease).
+
+        Outbox rows are inserted claimed by this process and returned in ``Committed`` for
+        the dispatcher's fast path, except (PostgreSQL) rows whose lane has older pending
+        rows another process holds or nobody holds: those stay unclaimed for the poller."""
 
     @abc.abstractmethod
     async def messages(
@@ -333,6 +366,16 @@ class Store(abc.ABC):
         """Insert a pending offer and its ``agent.offered`` event together."""
 
     @abc.abstractmethod
+    async def create_offers(
+        self, offers: Sequence[OfferRecord], now: datetime
+    ) -> list[Accepted | None]:
+        """Insert pending offers and their ``agent.offered`` events in ONE transaction.
+
+        One answer per offer, in order: None where the conversation is closed or unknown
+        (that offer is not stored; the others are).
+        """
+
+    @abc.abstractmethod
     async def resolve_offer(
         self, offer_id: str, status: str, event_type: str, now: datetime
     ) -> Accepted | None:
@@ -378,10 +421,18 @@ class Store(abc.ABC):
         identities: Sequence[Identity],
         now: datetime,
         idempotency: IdempotencyKey | None = None,
+        *,
+        notify: Notify | None = None,
     ) -> CustomerRecord | Replay:
         """Create a known customer with its profile fields (``PROFILE_FIELDS`` and ``custom``)
         and identities. Conflict if an identity or the external id is taken. With a key
-        already used: the original answer (Replay), or a 422 for another request."""
+        already used: the original answer (Replay), or a 422 for another request.
+
+        Every write of a customer takes ``notify``: it is called inside the write's
+        transaction with the ``CustomerChange`` (kinds in ``CHANGE_KINDS``) and its rows go
+        into the outbox unclaimed and due at once, on the customer's lane (the row's
+        conversation id is the customer id), so a change and its notifications commit
+        together. A write that changes nothing (a replay, a repeated merge) notifies nobody."""
 
     @abc.abstractmethod
     async def customer(self, customer_id: str) -> CustomerRecord | None: ...
@@ -394,6 +445,7 @@ class Store(abc.ABC):
         now: datetime,
         *,
         expected_version: int | None,
+        notify: Notify | None = None,
     ) -> CustomerRecord:
         """Partial update: given fields replace (None clears), ``custom`` merges (None removes
         a key). A new email, phone or external id is also an identity and makes the customer
@@ -401,7 +453,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_customer(
-        self, customer_id: str, now: datetime, *, expected_version: int | None = None
+        self,
+        customer_id: str,
+        now: datetime,
+        *,
+        expected_version: int | None = None,
+        notify: Notify | None = None,
     ) -> int:
         """Forget the profile and identities; the customer's conversations keep its id (a
         tombstone row stays then). Returns the tombstone's version; NotFound if absent."""
@@ -420,6 +477,8 @@ class Store(abc.ABC):
         identity: Identity,
         now: datetime,
         idempotency: IdempotencyKey | None = None,
+        *,
+        notify: Notify | None = None,
     ) -> CustomerRecord | Replay:
         """Identify: add an identity (fills an empty email, phone or external id) and make the
         customer known. Conflict if another customer holds it."""
@@ -429,15 +488,24 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def bulk_upsert_customers(
-        self, lines: Sequence[tuple[int, Mapping[str, Any]]], now: datetime
+        self,
+        lines: Sequence[tuple[int, Mapping[str, Any]]],
+        now: datetime,
+        *,
+        notify: Notify | None = None,
+        required_custom: Collection[str] = (),
     ) -> list[BulkOutcome]:
         """Upsert (line number, normalized fields with ``external_id``) by external id, in
         one transaction, each line atomic on its own: a failing line (an identity of
         another customer) changes nothing and is reported; a line equal to the stored
-        profile is ``unchanged`` (so the same file twice changes nothing)."""
+        profile is ``unchanged`` (so the same file twice changes nothing). A line that
+        would create a customer without every key of ``required_custom`` fails with
+        ``invalid_custom``."""
 
     @abc.abstractmethod
-    async def merge_customers(self, into_id: str, from_id: str, now: datetime) -> MergeResult:
+    async def merge_customers(
+        self, into_id: str, from_id: str, now: datetime, *, notify: Notify | None = None
+    ) -> MergeResult:
         """Move every identity and conversation of ``from_id`` to ``into_id`` (empty profile
         fields and custom keys of ``into_id`` are filled from it) and leave ``from_id`` as a
         tombstone pointing there. Merging the same pair again answers the first merge
@@ -452,10 +520,26 @@ class Store(abc.ABC):
         """The customers merged into this one, oldest merge first."""
 
     @abc.abstractmethod
-    async def erase_customer(self, customer_id: str, now: datetime, marker: str) -> int:
+    async def erase_customer(
+        self, customer_id: str, now: datetime, marker: str, *, notify: Notify | None = None
+    ) -> int:
         """Erasure: forget profile and identities and rewrite the customer's personal values
         wherever stored (messages, events, decision facts, outbox, conversation snapshots)
-        with ``marker``; counts and states stay. Returns the tombstone's version."""
+        with ``marker``; counts and states stay. Notifications on the lanes of the customer
+        and of those merged into it keep only the customer's id. Returns the tombstone's
+        version."""
+
+    @abc.abstractmethod
+    async def customer_schema(self, version: int | None = None) -> CustomerSchema | None:
+        """The custom field schema in force (or an older ``version``); None if none."""
+
+    @abc.abstractmethod
+    async def save_customer_schema(
+        self, document: Mapping[str, Any], now: datetime, *, expected_version: int | None
+    ) -> tuple[CustomerSchema, bool]:
+        """Store ``document`` as the next schema version, unless it equals the one in force
+        (then that one, and False). PreconditionFailed when ``expected_version`` (0: no
+        schema yet) is not the version in force."""
 
     @abc.abstractmethod
     async def customer_conversations(self, customer_id: str) -> list[dict[str, Any]]:
@@ -691,6 +775,48 @@ class BulkOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class CustomerSchema:
+    """A version of the custom profile field schema: the document an admin stored."""
+
+    version: int
+    document: dict[str, Any]
+    created_at: datetime
+
+
+# What a customer write can be, as subscribed apps are told (``profile.<kind>``).
+CHANGE_KINDS: tuple[str, ...] = ("created", "updated", "identified", "merged", "deleted", "erased")
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerChange:
+    """One committed change of a customer, handed to ``Notify`` inside the write's
+    transaction. ``record`` is the profile after the change (None for deleted and erased:
+    those carry only the id); ``merged_from`` names the customer a merge absorbed."""
+
+    kind: str  # one of CHANGE_KINDS
+    customer_id: str
+    version: int  # the customer's version after the change
+    at: datetime
+    record: CustomerRecord | None = None
+    merged_from: str | None = None
+
+    @property
+    def notice_id(self) -> str:
+        """The outbox ``event_id`` of its notifications: one per customer version."""
+        return f"{self.customer_id}:v{self.version}"
+
+
+# The outbox rows announcing a change (one per app that hears it). Pure and synchronous: it
+# runs inside the store's transaction (on SQLite's writer thread).
+Notify = Callable[[CustomerChange], Sequence[NewOutbox]]
+
+
+def change_kind(before_known: bool, after: CustomerRecord) -> str:
+    """``identified`` when an update made an anonymous customer known, else ``updated``."""
+    return "identified" if not before_known and after.known else "updated"
+
+
+@dataclass(frozen=True, slots=True)
 class MergeResult:
     """A merge as recorded, with the surviving customer as it is now."""
 
@@ -725,6 +851,7 @@ class CustomerQuery:
     phone: str | None = None
     external_id: str | None = None
     name_prefix: str | None = None
+    updated_since: datetime | None = None  # changed at or after (a CRM's incremental sync)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,12 @@ together do not race.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import os
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import socket
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
@@ -59,13 +62,16 @@ from controller.store.base import (
     CampaignSend,
     CampaignWork,
     Committed,
+    CustomerChange,
     CustomerQuery,
     CustomerRecord,
+    CustomerSchema,
     DecisionRecord,
     IdempotencyKey,
     Identity,
     MergeResult,
     Message,
+    Notify,
     OfferRecord,
     OptOut,
     OutboxEntry,
@@ -77,13 +83,19 @@ from controller.store.base import (
     RulesVersion,
     Store,
     TimerRow,
+    change_kind,
     channel_identity,
+    offered_event,
+    skill_levels,
 )
 from controller.store.sqlite import (  # the same rules on both stores
+    _check_required,
     _first_of_each,
+    _new_record,
     _outcome_update,
     _profile_name,
     _redact,
+    _strip_notice,
 )
 
 log = structlog.get_logger(__name__)
@@ -102,6 +114,8 @@ _HEAD_OF_LANE = (
 )
 _ATTEMPTS = 8  # runs of one transaction that keeps losing races (each loss means progress)
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+# Heartbeats and leases are dated by the database's clock: one clock for every machine.
+_DB_NOW = "extract(epoch FROM clock_timestamp())::double precision"
 
 
 class _Race(Exception):
@@ -168,6 +182,103 @@ def _event_from_row(row: Row) -> Event:
     )
 
 
+# several processes --------------------------------------------------------------------------
+def _channel_name(schema: str) -> str:
+    """The NOTIFY channel of one schema (channels are per database, schemas share them)."""
+    return "convctl_" + hashlib.sha256(schema.encode()).hexdigest()[:16]
+
+
+async def _register(conn: Conn, process_id: str) -> None:
+    await conn.execute(
+        "INSERT INTO processes (id, host, pid, started_at, heartbeat_at) "
+        f"VALUES ($1, $2, $3, {_DB_NOW}, {_DB_NOW}) "
+        "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        process_id,
+        socket.gethostname(),
+        os.getpid(),
+    )
+
+
+async def _remove_processes(
+    conn: Conn, ids: Sequence[str], channel: str, *, unsure: bool = False
+) -> None:
+    """Remove processes (dead, or leaving): their leases go round robin to the processes that
+    remain (new fencing tokens, so a process only thought dead cannot commit any more), their
+    outbox and timer claims are released. ``unsure``: the process died, its claimed rows may
+    have been in flight."""
+    await conn.execute("DELETE FROM processes WHERE id = ANY($1::text[])", list(ids))
+    live = [r[0] for r in await conn.fetch("SELECT id FROM processes ORDER BY id")]
+    if live:
+        moved = await conn.execute(
+            "WITH l AS (SELECT conversation_id, "
+            "row_number() OVER (ORDER BY conversation_id) - 1 AS n "
+            "FROM conversation_leases WHERE owner = ANY($1::text[])) "
+            "UPDATE conversation_leases c SET owner = ($2::text[])[(l.n % $3) + 1], "
+            f"token = nextval('lease_tokens'), acquired_at = {_DB_NOW} "
+            "FROM l WHERE c.conversation_id = l.conversation_id",
+            list(ids),
+            live,
+            len(live),
+        )
+    else:
+        moved = await conn.execute(
+            "DELETE FROM conversation_leases WHERE owner = ANY($1::text[])", list(ids)
+        )
+    await conn.execute(
+        "UPDATE outbox SET claimed = FALSE, claimed_by = NULL, "
+        "unsure = CASE WHEN $2 THEN GREATEST(unsure, 1) ELSE unsure END "
+        "WHERE claimed_by = ANY($1::text[]) AND claimed",
+        list(ids),
+        unsure,
+    )
+    await conn.execute(
+        "UPDATE timers SET claimed_by = NULL WHERE claimed_by = ANY($1::text[])", list(ids)
+    )
+    if channel:
+        message = {"kind": "takeover", "gone": list(ids), "leases": _rowcount(moved)}
+        await conn.execute("SELECT pg_notify($1, $2)", channel, _json(message))
+
+
+class ClusterLink:
+    """The connection a process listens on; it also holds the process's session advisory
+    locks (the router's), which PostgreSQL releases when the connection ends."""
+
+    def __init__(self, conn: Conn, process_id: str) -> None:
+        self._conn = conn
+        self._process_id = process_id
+        self._busy = asyncio.Lock()  # one query at a time on a connection
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._conn.is_closed())
+
+    async def heartbeat(self) -> bool:
+        """``PostgresStore.heartbeat`` on this connection: a busy pool never delays it."""
+        async with self._busy, self._conn.transaction():
+            updated = await self._conn.execute(
+                f"UPDATE processes SET heartbeat_at = {_DB_NOW} WHERE id = $1", self._process_id
+            )
+            if _rowcount(updated):
+                return True
+            await _register(self._conn, self._process_id)
+            return False
+
+    async def try_lock(self, name: str) -> bool:
+        """Take the session advisory lock ``name`` of this schema, if free (or already ours)."""
+        async with self._busy:
+            value = await self._conn.fetchval(
+                "SELECT pg_try_advisory_lock(hashtextextended($1 || ':' || current_schema(), 0))",
+                f"convctl:{name}",
+            )
+        return bool(value)
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._conn.close(), timeout=5)
+        except (TimeoutError, OSError, asyncpg.PostgresError):
+            self._conn.terminate()
+
+
 class PostgresStore(Store):
     """PostgreSQL implementation of the Store; several processes may share one database."""
 
@@ -186,6 +297,10 @@ class PostgresStore(Store):
         self._min_size = min_size
         self._max_size = max(max_size, min_size)
         self._pool: asyncpg.Pool | None = None
+        # This process, as the others sharing the database know it (processes table); its
+        # claims and leases carry this id. Registered at open, removed at close.
+        self.process_id = new_id("pr")
+        self.channel = ""  # the LISTEN/NOTIFY channel of this schema, known after open
 
     @property
     def location(self) -> str:
@@ -209,17 +324,33 @@ class PostgresStore(Store):
             raise ConfigError(f"cannot connect to {self.location}: {exc}") from exc
         async with self._pool.acquire() as conn:
             await self._migrate(conn)
-            # A previous process may have died with rows claimed: they are due again now,
-            # marked unsure (they may have reached their destination just before the end).
-            # (With several processes sharing the database, claims need leases instead.)
-            await conn.execute(
-                "UPDATE outbox SET claimed = FALSE, unsure = GREATEST(unsure, 1) "
-                "WHERE status = 'pending' AND claimed"
-            )
+            schema = await conn.fetchval("SELECT current_schema()")
+            self.channel = _channel_name(str(schema))
+            # Several processes may share the database: claims are not reset here (that
+            # would take rows live processes are delivering). Claims of processes that are
+            # gone (no row any more, or made before processes were recorded) are due again
+            # now, marked unsure (they may have reached their destination just before the
+            # end); those of processes that died without a word are released once their
+            # heartbeat is stale (``release_dead_processes``).
+            async with conn.transaction():
+                await _register(conn, self.process_id)
+                await conn.execute(
+                    "UPDATE outbox SET claimed = FALSE, claimed_by = NULL, "
+                    "unsure = GREATEST(unsure, 1) WHERE status = 'pending' AND claimed "
+                    "AND (claimed_by IS NULL OR claimed_by NOT IN (SELECT id FROM processes))"
+                )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
+            try:
+                # Leaving: the others need not wait for a heartbeat timeout. A row still
+                # claimed now was cut short (the dispatcher finishes its deliveries before
+                # the store closes): it may have been sent, so it is released as unsure.
+                async with pool.acquire() as conn, conn.transaction():
+                    await _remove_processes(conn, [self.process_id], self.channel, unsure=True)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("process_not_deregistered", error=f"{type(exc).__name__}: {exc}")
             try:
                 await asyncio.wait_for(pool.close(), timeout=10)
             except TimeoutError:
@@ -400,7 +531,7 @@ class PostgresStore(Store):
         return await self._read(run)
 
     async def commit_decision(self, record: DecisionRecord, now: datetime) -> Committed:
-        return await self._tx(lambda conn: _commit_decision(conn, record, now))
+        return await self._tx(lambda conn: _commit_decision(conn, record, now, self.process_id))
 
     async def messages(self, conversation_id: str, *, include_agent_only: bool) -> list[Message]:
         async def run(conn: Conn) -> list[Message]:
@@ -466,10 +597,11 @@ class PostgresStore(Store):
                 "WITH due AS (SELECT o.id FROM outbox o WHERE o.status = 'pending' "
                 f"AND NOT o.claimed AND o.next_attempt_at <= $1 AND {_HEAD_OF_LANE} "
                 "ORDER BY o.id LIMIT $2 FOR UPDATE OF o SKIP LOCKED) "
-                "UPDATE outbox SET claimed = TRUE FROM due WHERE outbox.id = due.id "
-                "RETURNING outbox.*",
+                "UPDATE outbox SET claimed = TRUE, claimed_by = $3 FROM due "
+                "WHERE outbox.id = due.id RETURNING outbox.*",
                 _ts(now),
                 limit,
+                self.process_id,
             )
             return sorted((_outbox_row(r) for r in rows), key=lambda r: r.id)
 
@@ -478,21 +610,27 @@ class PostgresStore(Store):
     async def outbox_done(self, row_id: int) -> None:
         await self._tx(
             lambda conn: conn.execute(
-                "UPDATE outbox SET status = 'done', claimed = FALSE, attempts = attempts + 1, "
-                "done_at = $1 WHERE id = $2",
+                "UPDATE outbox SET status = 'done', claimed = FALSE, claimed_by = NULL, "
+                "attempts = attempts + 1, done_at = $1 WHERE id = $2",
                 datetime.now(UTC).timestamp(),
                 row_id,
             )
         )
 
+    # A row whose claim this process lost (it was thought dead and another process claimed
+    # the row again) is not unclaimed or rescheduled by this process any more.
+    _MINE = "(claimed_by = {} OR NOT claimed)"
+
     async def outbox_retry(self, row_id: int, at: datetime, error: str) -> None:
         await self._tx(
             lambda conn: conn.execute(
-                "UPDATE outbox SET claimed = FALSE, attempts = attempts + 1, "
-                "next_attempt_at = $1, last_error = $2 WHERE id = $3",
+                "UPDATE outbox SET claimed = FALSE, claimed_by = NULL, attempts = attempts + 1, "
+                "next_attempt_at = $1, last_error = $2 WHERE id = $3 AND "
+                + self._MINE.format("$4"),
                 _ts(at),
                 _text(error[:1000]),
                 row_id,
+                self.process_id,
             )
         )
 
@@ -501,25 +639,30 @@ class PostgresStore(Store):
         if row_ids:
             await self._tx(
                 lambda conn: conn.execute(
-                    "UPDATE outbox SET claimed = FALSE WHERE id = ANY($1::bigint[])",
+                    "UPDATE outbox SET claimed = FALSE, claimed_by = NULL "
+                    "WHERE id = ANY($1::bigint[]) AND " + self._MINE.format("$2"),
                     list(row_ids),
+                    self.process_id,
                 )
             )
 
     async def outbox_dead(self, row_id: int, error: str) -> None:
         await self._tx(
             lambda conn: conn.execute(
-                "UPDATE outbox SET status = 'dead', claimed = FALSE, attempts = attempts + 1, "
-                "last_error = $1 WHERE id = $2",
+                "UPDATE outbox SET status = 'dead', claimed = FALSE, claimed_by = NULL, "
+                "attempts = attempts + 1, last_error = $1 WHERE id = $2 AND "
+                + self._MINE.format("$3"),
                 _text(error[:1000]),
                 row_id,
+                self.process_id,
             )
         )
 
     async def outbox_hold(self, row_id: int, until: datetime, error: str | None = None) -> None:
         await self._tx(
             lambda conn: conn.execute(
-                "UPDATE outbox SET claimed = FALSE, unsure = 2, attempts = attempts + $1, "
+                "UPDATE outbox SET claimed = FALSE, claimed_by = NULL, unsure = 2, "
+                "attempts = attempts + $1, "
                 "next_attempt_at = GREATEST(next_attempt_at, $2), "
                 "last_error = COALESCE($3, last_error) WHERE id = $4",
                 0 if error is None else 1,
@@ -658,18 +801,184 @@ class PostgresStore(Store):
 
         return await self._tx(run)
 
+    # several processes (controller/cluster.py) ---------------------------------------------
+    async def heartbeat(self) -> bool:
+        """Tell the others this process lives. False when it had been taken for dead (its row
+        was removed with its leases and claims): it is registered again, owning nothing."""
+
+        async def run(conn: Conn) -> bool:
+            updated = await conn.execute(
+                f"UPDATE processes SET heartbeat_at = {_DB_NOW} WHERE id = $1", self.process_id
+            )
+            if _rowcount(updated):
+                return True
+            await _register(conn, self.process_id)
+            return False
+
+        return await self._tx(run)
+
+    async def release_dead_processes(self, timeout: float) -> list[str]:
+        """Processes whose heartbeat is older than ``timeout`` seconds (database time) are
+        dead: remove them, hand their leases to the living (round robin, new fencing
+        tokens), release their outbox and timer claims, and tell everybody. Of several
+        processes noticing at once, one does it (the others skip the locked rows)."""
+
+        async def run(conn: Conn) -> list[str]:
+            rows = await conn.fetch(
+                "SELECT id FROM processes WHERE id <> $1 AND heartbeat_at < "
+                f"{_DB_NOW} - $2 ORDER BY id FOR UPDATE SKIP LOCKED",
+                self.process_id,
+                timeout,
+            )
+            dead = [r[0] for r in rows]
+            if dead:
+                await _remove_processes(conn, dead, self.channel, unsure=True)
+            return dead
+
+        return await self._tx(run)
+
+    async def acquire_lease(self, conversation_id: str) -> tuple[str, int]:
+        """The conversation's lease: (owner, fencing token). Taken by this process when
+        nobody holds it; when another process does, that process is told (NOTIFY) that the
+        conversation has work."""
+
+        async def run(conn: Conn) -> tuple[str, int]:
+            row = await conn.fetchrow(
+                "INSERT INTO conversation_leases (conversation_id, owner, token, acquired_at) "
+                f"VALUES ($1, $2, nextval('lease_tokens'), {_DB_NOW}) "
+                "ON CONFLICT (conversation_id) DO NOTHING RETURNING owner, token",
+                conversation_id,
+                self.process_id,
+            ) or await conn.fetchrow(
+                "SELECT owner, token FROM conversation_leases WHERE conversation_id = $1",
+                conversation_id,
+            )
+            if row is None:  # released between the two statements: try again
+                raise _Race(conversation_id)
+            owner, token = str(row[0]), int(row[1])
+            if owner != self.process_id:
+                await conn.execute(
+                    "SELECT pg_notify($1, $2)",
+                    self.channel,
+                    json.dumps({"kind": "work", "to": owner, "conversation": conversation_id}),
+                )
+            return owner, token
+
+        return await self._tx(run)
+
+    async def release_lease(self, conversation_id: str) -> None:
+        """Give up this process's lease of a conversation (if it still holds it)."""
+        await self._tx(
+            lambda conn: conn.execute(
+                "DELETE FROM conversation_leases WHERE conversation_id = $1 AND owner = $2",
+                conversation_id,
+                self.process_id,
+            )
+        )
+
+    async def pending_work(self) -> list[tuple[str, str, int | None]]:
+        """Conversations with undecided events that this process owns or nobody owns:
+        (conversation, its first undecided event, this process's token or None)."""
+
+        async def run(conn: Conn) -> list[tuple[str, str, int | None]]:
+            rows = await conn.fetch(
+                "SELECT DISTINCT ON (e.conversation_id) e.conversation_id, e.id, l.token "
+                "FROM events e LEFT JOIN conversation_leases l "
+                "ON l.conversation_id = e.conversation_id "
+                "WHERE e.status = 'pending' AND (l.owner IS NULL OR l.owner = $1) "
+                "ORDER BY e.conversation_id, e.seq",
+                self.process_id,
+            )
+            return [(r[0], r[1], None if r[2] is None else int(r[2])) for r in rows]
+
+        return await self._read(run)
+
+    async def claim_timers(self, now: datetime, limit: int) -> list[TimerRow]:
+        """Due timers nobody has claimed (or this process claimed and did not fire), now
+        claimed by this process; other claimers' rows are skipped, not waited for."""
+
+        async def run(conn: Conn) -> list[TimerRow]:
+            rows = await conn.fetch(
+                "WITH due AS (SELECT conversation_id, name FROM timers WHERE due_at <= $1 "
+                "AND (claimed_by IS NULL OR claimed_by = $3) ORDER BY due_at LIMIT $2 "
+                "FOR UPDATE SKIP LOCKED) UPDATE timers t SET claimed_by = $3 FROM due "
+                "WHERE t.conversation_id = due.conversation_id AND t.name = due.name "
+                "RETURNING t.conversation_id, t.name, t.generation, t.due_at",
+                _ts(now),
+                limit,
+                self.process_id,
+            )
+            return sorted(
+                (TimerRow(r[0], r[1], r[2], _dt(r[3])) for r in rows), key=lambda t: t.due_at
+            )
+
+        return await self._tx(run)
+
+    async def processes(self) -> list[dict[str, Any]]:
+        """The registered processes with their heartbeat age (database time), oldest first."""
+
+        async def run(conn: Conn) -> list[dict[str, Any]]:
+            rows = await conn.fetch(
+                f"SELECT id, host, pid, started_at, {_DB_NOW} - heartbeat_at AS age, "
+                "(SELECT COUNT(*) FROM conversation_leases l WHERE l.owner = p.id) AS leases "
+                "FROM processes p ORDER BY started_at, id"
+            )
+            return [
+                {
+                    "id": r["id"],
+                    "host": r["host"],
+                    "pid": r["pid"],
+                    "started_at": _dt(r["started_at"]).isoformat(),
+                    "heartbeat_age": float(r["age"]),
+                    "leases": int(r["leases"]),
+                }
+                for r in rows
+            ]
+
+        return await self._read(run)
+
+    async def publish(self, message: Mapping[str, Any]) -> None:
+        """NOTIFY every process sharing the database (payloads stay under 8000 bytes)."""
+        await self._read(
+            lambda conn: conn.execute("SELECT pg_notify($1, $2)", self.channel, _json(message))
+        )
+
+    async def listen(self, on_message: Callable[[dict[str, Any]], None]) -> ClusterLink:
+        """A connection of its own that LISTENs to the schema's channel (and can hold
+        session advisory locks, released when it closes)."""
+        settings = {"application_name": "convctl-listen"}
+        if self._schema is not None:
+            settings["search_path"] = self._schema
+        conn = await asyncpg.connect(self._url, server_settings=settings)
+
+        def received(_conn: Conn, _pid: int, _channel: str, payload: str) -> None:
+            try:
+                message = json.loads(payload)
+            except ValueError:
+                log.warning("cluster_message_unreadable", payload=payload[:200])
+                return
+            if isinstance(message, dict):
+                on_message(message)
+
+        await conn.add_listener(self.channel, received)
+        return ClusterLink(conn, self.process_id)
+
     # agents and routing ------------------------------------------------------------------
     async def upsert_agent(self, agent: AgentRecord) -> None:
         await self._tx(
             lambda conn: conn.execute(
-                "INSERT INTO agents VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE "
-                "SET name = excluded.name, capacity = excluded.capacity, skills = excluded.skills",
+                "INSERT INTO agents (id, name, presence, capacity, skills, idle_since, channels, "
+                "teams) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO UPDATE "
+                "SET name = excluded.name, capacity = excluded.capacity, skills = excluded.skills, "
+                "channels = excluded.channels, teams = excluded.teams",
                 agent.id,
                 agent.name,
                 agent.presence,
                 agent.capacity,
-                _json(list(agent.skills)),
+                _json(dict(agent.skills)),
                 _ts(agent.idle_since),
+                _json(dict(agent.channels)),
+                _json(list(agent.teams)),
             )
         )
 
@@ -743,32 +1052,48 @@ class PostgresStore(Store):
                     "AND e.dedupe_key = o.id || ':accepted' WHERE e.status = 'pending'"
                 )
             ]
-            return RouterSnapshot(agents, queued, offers, assignments, tried, accepting)
+            channels = {
+                r[0]: r[1]
+                for r in await conn.fetch(
+                    "SELECT id, snapshot ->> 'channel' FROM conversations "
+                    "WHERE state = 'queued' OR id IN "
+                    "(SELECT conversation_id FROM assignments UNION SELECT conversation_id "
+                    "FROM offers WHERE status = 'pending')"
+                )
+            }
+            return RouterSnapshot(agents, queued, offers, assignments, tried, accepting, channels)
 
         return await self._read(run, consistent=True)
 
     async def create_offer(self, offer: OfferRecord, now: datetime) -> Accepted:
         async def run(conn: Conn) -> Accepted:
-            await conn.execute(
-                "INSERT INTO offers (id, conversation_id, agent_id, status, created_at, "
-                "expires_at) VALUES ($1, $2, $3, 'pending', $4, $5)",
-                offer.id,
-                offer.conversation_id,
-                offer.agent_id,
-                _ts(offer.created_at),
-                _ts(offer.expires_at),
-            )
-            return await _accept_one(
-                conn,
-                NewEvent(
-                    type="agent.offered",
-                    source="router",
-                    dedupe_key=f"{offer.id}:offered",
-                    conversation_id=offer.conversation_id,
-                    data={"agent_id": offer.agent_id, "offer_id": offer.id},
-                ),
-                now,
-            )
+            await _insert_offer(conn, offer)
+            return await _accept_one(conn, offered_event(offer), now)
+
+        return await self._tx(run)
+
+    async def create_offers(
+        self, offers: Sequence[OfferRecord], now: datetime
+    ) -> list[Accepted | None]:
+        async def run(conn: Conn) -> list[Accepted | None]:
+            # The conversations locked first, in one order (two batches never wait on each
+            # other in a cycle); the closed ones get no offer.
+            open_ids = {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT id FROM conversations WHERE id = ANY($1::text[]) AND NOT closed "
+                    "ORDER BY id FOR UPDATE",
+                    sorted({o.conversation_id for o in offers}),
+                )
+            }
+            results: list[Accepted | None] = []
+            for offer in offers:
+                if offer.conversation_id not in open_ids:
+                    results.append(None)
+                    continue
+                await _insert_offer(conn, offer)
+                results.append(await _accept_one(conn, offered_event(offer), now))
+            return results
 
         return await self._tx(run)
 
@@ -910,6 +1235,8 @@ class PostgresStore(Store):
         identities: Sequence[Identity],
         now: datetime,
         idempotency: IdempotencyKey | None = None,
+        *,
+        notify: Notify | None = None,
     ) -> CustomerRecord | Replay:
         async def run(conn: Conn) -> CustomerRecord | Replay:
             replay = await _replay(conn, idempotency)
@@ -917,6 +1244,8 @@ class PostgresStore(Store):
                 return replay
             record = await _create_customer(conn, profile, identities, now)
             await _remember(conn, idempotency, 201, record.as_dict(), now)
+            change = CustomerChange("created", record.id, record.version, now, record)
+            await _notify(conn, notify, change)
             return record
 
         return await self._tx(run)
@@ -931,16 +1260,31 @@ class PostgresStore(Store):
         now: datetime,
         *,
         expected_version: int | None,
+        notify: Notify | None = None,
     ) -> CustomerRecord:
-        return await self._tx(
-            lambda conn: _update_customer(conn, customer_id, changes, now, expected_version)
-        )
+        async def run(conn: Conn) -> CustomerRecord:
+            known = (await _current(conn, customer_id, expected_version, lock=True)).known
+            record = await _update_customer(conn, customer_id, changes, now, expected_version)
+            change = CustomerChange(
+                change_kind(known, record), record.id, record.version, now, record
+            )
+            await _notify(conn, notify, change)
+            return record
+
+        return await self._tx(run)
 
     async def delete_customer(
-        self, customer_id: str, now: datetime, *, expected_version: int | None = None
+        self,
+        customer_id: str,
+        now: datetime,
+        *,
+        expected_version: int | None = None,
+        notify: Notify | None = None,
     ) -> int:
         async def run(conn: Conn) -> int:
             current = await _current(conn, customer_id, expected_version, lock=True)
+            change = CustomerChange("deleted", customer_id, current.version + 1, now)
+            await _notify(conn, notify, change)
             await conn.execute("DELETE FROM identities WHERE customer_id = $1", customer_id)
             used = await conn.fetchval(
                 "SELECT 1 FROM conversations WHERE customer_id = $1 LIMIT 1", customer_id
@@ -983,12 +1327,14 @@ class PostgresStore(Store):
             if query.name_prefix:
                 low, high = query.name_prefix, query.name_prefix + "\U0010ffff"
                 where.append(f"name >= {arg(low)} AND name < {arg(high)}")
+            if query.updated_since is not None:
+                where.append(f"updated_at >= {arg(_ts(query.updated_since))}")
             rows = await conn.fetch(
                 f"SELECT * FROM customers WHERE {' AND '.join(where)} ORDER BY id "
                 f"LIMIT {arg(query.limit + 1)}",
                 *args,
             )
-            records = [await _customer_from_row(conn, r) for r in rows[: query.limit]]
+            records = await _customers_from_rows(conn, rows[: query.limit])
             more = len(rows) > query.limit
             return records, records[-1].id if more and records else None
 
@@ -1011,6 +1357,8 @@ class PostgresStore(Store):
         identity: Identity,
         now: datetime,
         idempotency: IdempotencyKey | None = None,
+        *,
+        notify: Notify | None = None,
     ) -> CustomerRecord | Replay:
         async def run(conn: Conn) -> CustomerRecord | Replay:
             replay = await _replay(conn, idempotency)
@@ -1031,6 +1379,9 @@ class PostgresStore(Store):
             record = await _customer(conn, customer_id)
             assert record is not None
             await _remember(conn, idempotency, 200, record.as_dict(), now)
+            if record.version != current.version:
+                change = CustomerChange("identified", record.id, record.version, now, record)
+                await _notify(conn, notify, change)
             return record
 
         return await self._tx(run)
@@ -1047,7 +1398,12 @@ class PostgresStore(Store):
         return await self._read(run)
 
     async def bulk_upsert_customers(
-        self, lines: Sequence[tuple[int, Mapping[str, Any]]], now: datetime
+        self,
+        lines: Sequence[tuple[int, Mapping[str, Any]]],
+        now: datetime,
+        *,
+        notify: Notify | None = None,
+        required_custom: Collection[str] = (),
     ) -> list[BulkOutcome]:
         async def run(conn: Conn) -> list[BulkOutcome]:
             outcomes: list[BulkOutcome] = []
@@ -1055,7 +1411,12 @@ class PostgresStore(Store):
                 # each line atomic on its own inside the batch's transaction (a savepoint)
                 try:
                     async with conn.transaction():
-                        outcome, record = await _upsert_by_external_id(conn, changes, now)
+                        outcome, record = await _upsert_by_external_id(
+                            conn, changes, now, required_custom
+                        )
+                        if outcome != "unchanged":
+                            change = CustomerChange(outcome, record.id, record.version, now, record)
+                            await _notify(conn, notify, change)
                 except (ConvctlError, asyncpg.exceptions.IntegrityConstraintViolationError) as exc:
                     code, message = (
                         (exc.code, exc.message)
@@ -1069,7 +1430,9 @@ class PostgresStore(Store):
 
         return await self._tx(run)
 
-    async def merge_customers(self, into_id: str, from_id: str, now: datetime) -> MergeResult:
+    async def merge_customers(
+        self, into_id: str, from_id: str, now: datetime, *, notify: Notify | None = None
+    ) -> MergeResult:
         async def run(conn: Conn) -> MergeResult:
             if into_id == from_id:
                 raise RequestError(
@@ -1158,6 +1521,8 @@ class PostgresStore(Store):
             )
             merged = await _customer(conn, into_id)
             assert merged is not None
+            change = CustomerChange("merged", into_id, merged.version, now, merged, from_id)
+            await _notify(conn, notify, change)
             return MergeResult(
                 into_id,
                 from_id,
@@ -1197,9 +1562,43 @@ class PostgresStore(Store):
 
         return await self._read(run)
 
-    async def erase_customer(self, customer_id: str, now: datetime, marker: str) -> int:
+    async def erase_customer(
+        self, customer_id: str, now: datetime, marker: str, *, notify: Notify | None = None
+    ) -> int:
         # Rewritten rows leave dead versions behind until (auto)vacuum reclaims them.
-        return await self._tx(lambda conn: _erase(conn, customer_id, now, marker))
+        async def run(conn: Conn) -> int:
+            version = await _erase(conn, customer_id, now, marker)
+            await _notify(conn, notify, CustomerChange("erased", customer_id, version, now))
+            return version
+
+        return await self._tx(run)
+
+    async def customer_schema(self, version: int | None = None) -> CustomerSchema | None:
+        return await self._read(lambda conn: _customer_schema(conn, version))
+
+    async def save_customer_schema(
+        self, document: Mapping[str, Any], now: datetime, *, expected_version: int | None
+    ) -> tuple[CustomerSchema, bool]:
+        async def run(conn: Conn) -> tuple[CustomerSchema, bool]:
+            # Two saves at once both try the next version: the loser's primary key violation
+            # runs it again, and it then sees the winner's version.
+            current = await _customer_schema(conn, None)
+            version = current.version if current else 0
+            if expected_version is not None and expected_version != version:
+                raise PreconditionFailed(
+                    f"the customer schema is at version {version}, not {expected_version}"
+                )
+            if current is not None and current.document == document:
+                return current, False
+            await conn.execute(
+                "INSERT INTO customer_schemas VALUES ($1, $2, $3)",
+                version + 1,
+                _json(dict(document)),
+                _ts(now),
+            )
+            return CustomerSchema(version + 1, dict(document), now), True
+
+        return await self._tx(run)
 
     async def customer_conversations(self, customer_id: str) -> list[dict[str, Any]]:
         async def run(conn: Conn) -> list[dict[str, Any]]:
@@ -1835,8 +2234,22 @@ def _agent_from_row(row: Row) -> AgentRecord:
         name=row["name"],
         presence=row["presence"],
         capacity=row["capacity"],
-        skills=tuple(json.loads(row["skills"])),
+        skills=skill_levels(json.loads(row["skills"])),
         idle_since=_dt(row["idle_since"]),
+        channels=json.loads(row["channels"]),
+        teams=tuple(json.loads(row["teams"])),
+    )
+
+
+async def _insert_offer(conn: Conn, offer: OfferRecord) -> None:
+    await conn.execute(
+        "INSERT INTO offers (id, conversation_id, agent_id, status, created_at, "
+        "expires_at) VALUES ($1, $2, $3, 'pending', $4, $5)",
+        offer.id,
+        offer.conversation_id,
+        offer.agent_id,
+        _ts(offer.created_at),
+        _ts(offer.expires_at),
     )
 
 
@@ -2057,8 +2470,22 @@ def _snapshot_json(conv: Conversation) -> str:
     return text
 
 
-async def _commit_decision(conn: Conn, rec: DecisionRecord, now: datetime) -> Committed:
+async def _commit_decision(
+    conn: Conn, rec: DecisionRecord, now: datetime, process_id: str
+) -> Committed:
     after = rec.after
+    if rec.lease is not None:
+        # Fencing: the decision was made under a lease; if that lease moved to another
+        # process (this one was taken for dead), nothing of it may commit. FOR SHARE keeps a
+        # takeover from moving the lease until this transaction ends.
+        token = await conn.fetchval(
+            "SELECT token FROM conversation_leases WHERE conversation_id = $1 AND owner = $2 "
+            "FOR SHARE",
+            after.id,
+            process_id,
+        )
+        if token != rec.lease:
+            raise Conflict(f"the lease of conversation {after.id} was lost", code="lease_lost")
     # The version check and the row lock in one statement: a decision committed meanwhile
     # (by this process or another) moved the version, and this one is refused whole.
     updated = await conn.execute(
@@ -2102,19 +2529,27 @@ async def _commit_decision(conn: Conn, rec: DecisionRecord, now: datetime) -> Co
     )
     outbox: list[OutboxRow] = []
     for n, new in enumerate(rec.outbox):
-        # Claimed at once: the dispatcher takes these rows from memory after the commit.
-        row_id = await conn.fetchval(
+        # Claimed at once (the dispatcher takes these rows from memory after the commit),
+        # unless older rows of the lane wait in the store or another process holds them
+        # (a retry, rows of a process that died): then the poller delivers it after them.
+        row = await conn.fetchrow(
             "INSERT INTO outbox (conversation_id, event_id, n, destination, payload, claimed, "
-            "next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, TRUE, $6, $6) "
-            "RETURNING id",
+            "claimed_by, next_attempt_at, created_at) SELECT $1, $2, $3, $4, $5, free, "
+            "CASE WHEN free THEN $7 END, $6, $6 FROM (SELECT NOT EXISTS (SELECT 1 FROM outbox p "
+            "WHERE p.status = 'pending' AND p.conversation_id = $1 AND p.destination = $4 "
+            "AND p.claimed_by IS DISTINCT FROM $7) AS free) lane RETURNING id, claimed",
             after.id,
             rec.event.id,
             n,
             new.destination,
             _json(new.payload),
             _ts(now),
+            process_id,
         )
-        outbox.append(OutboxRow(row_id, after.id, rec.event.id, n, new.destination, new.payload, 0))
+        if row["claimed"]:
+            outbox.append(
+                OutboxRow(row["id"], after.id, rec.event.id, n, new.destination, new.payload, 0)
+            )
     for op in rec.timers:
         if op.due_at is None:
             await conn.execute(
@@ -2123,7 +2558,8 @@ async def _commit_decision(conn: Conn, rec: DecisionRecord, now: datetime) -> Co
         else:
             await conn.execute(
                 "INSERT INTO timers VALUES ($1, $2, $3, $4) ON CONFLICT (conversation_id, name) "
-                "DO UPDATE SET generation = excluded.generation, due_at = excluded.due_at",
+                "DO UPDATE SET generation = excluded.generation, due_at = excluded.due_at, "
+                "claimed_by = NULL",
                 after.id,
                 op.name,
                 op.generation,
@@ -2172,6 +2608,8 @@ async def _create_customer(
 ) -> CustomerRecord:
     customer_id = new_id("cu")
     fields = {f: profile.get(f) for f in PROFILE_FIELDS}
+    custom = {k: v for k, v in (profile.get("custom") or {}).items() if v is not None}
+    await _external_id_free(conn, fields["external_id"])
     await conn.execute(
         "INSERT INTO customers (id, identity_key, created_at, updated_at, known, "
         "custom, name, email, phone, language, external_id) "
@@ -2179,15 +2617,25 @@ async def _create_customer(
         customer_id,
         f"customer:{customer_id}",  # no channel contact yet; unique placeholder
         _ts(now),
-        _json(dict(profile.get("custom") or {})),
+        _json(custom),
         *fields.values(),
     )
     wanted = [Identity(k, str(fields[f])) for f, k in IDENTITY_FIELDS.items() if fields[f]]
-    for ident in dict.fromkeys([*wanted, *identities]):
+    added = list(dict.fromkeys([*wanted, *identities]))
+    for ident in added:
         await _add_identity(conn, customer_id, ident, now)
-    record = await _customer(conn, customer_id)
-    assert record is not None
-    return record
+    return _new_record(customer_id, fields, custom, added, _dt(_ts(now)))
+
+
+async def _external_id_free(conn: Conn, external_id: str | None) -> None:
+    """Conflict if another customer has the external id (before the unique index refuses
+    the insert with a UniqueViolationError)."""
+    if external_id and await conn.fetchval(
+        "SELECT 1 FROM customers WHERE external_id = $1", external_id
+    ):
+        raise Conflict(
+            f"external id {external_id!r} belongs to another customer", code="identity_taken"
+        )
 
 
 async def _update_customer(
@@ -2236,7 +2684,7 @@ async def _update_customer(
 
 
 async def _upsert_by_external_id(
-    conn: Conn, changes: Mapping[str, Any], now: datetime
+    conn: Conn, changes: Mapping[str, Any], now: datetime, required_custom: Collection[str] = ()
 ) -> tuple[str, CustomerRecord]:
     """One bulk line: ("created" | "updated" | "unchanged", the record)."""
     customer_id = await conn.fetchval(
@@ -2244,6 +2692,7 @@ async def _upsert_by_external_id(
         changes["external_id"],
     )
     if customer_id is None:
+        _check_required(changes, required_custom)
         return "created", await _create_customer(conn, changes, (), now)
     current = await _current(conn, customer_id, None, lock=True)
     same_fields = all(current.profile[f] == changes[f] for f in PROFILE_FIELDS if f in changes)
@@ -2257,22 +2706,90 @@ async def _upsert_by_external_id(
     return "updated", await _update_customer(conn, current.id, changes, now, None)
 
 
+async def _customer_schema(conn: Conn, version: int | None) -> CustomerSchema | None:
+    if version is None:
+        row = await conn.fetchrow(
+            "SELECT version, document, created_at FROM customer_schemas "
+            "ORDER BY version DESC LIMIT 1"
+        )
+    else:
+        row = await conn.fetchrow(
+            "SELECT version, document, created_at FROM customer_schemas WHERE version = $1",
+            version,
+        )
+    return CustomerSchema(row[0], json.loads(row[1]), _dt(row[2])) if row else None
+
+
+async def _notify(conn: Conn, notify: Notify | None, change: CustomerChange) -> None:
+    """Outbox rows announcing ``change``, in the caller's transaction, on the customer's lane
+    (unclaimed and due now: the dispatcher's poller delivers them, in lane order)."""
+    if notify is None:
+        return
+    rows = [
+        (
+            change.customer_id,
+            change.notice_id,
+            n,
+            new.destination,
+            _json(new.payload),
+            _ts(change.at),
+        )
+        for n, new in enumerate(notify(change))
+    ]
+    if rows:
+        await conn.executemany(
+            "INSERT INTO outbox (conversation_id, event_id, n, destination, payload, claimed, "
+            "next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, FALSE, $6, $6)",
+            rows,
+        )
+
+
+async def _notice_lanes(conn: Conn, customer_id: str) -> list[str]:
+    """The customer and everyone merged into it (through chains): their notification lanes."""
+    lanes, todo = [customer_id], [customer_id]
+    while todo and len(lanes) < 10_000:
+        rows = await conn.fetch(
+            "SELECT from_id FROM customer_merges WHERE into_id = ANY($1::text[])", todo
+        )
+        todo = [r[0] for r in rows if r[0] not in lanes]
+        lanes += todo
+    return lanes
+
+
+async def _customers_from_rows(conn: Conn, rows: Sequence[Row]) -> list[CustomerRecord]:
+    """Records of a page of customer rows, their identities read in one query."""
+    if not rows:
+        return []
+    found: dict[str, list[Row]] = {r["id"]: [] for r in rows}
+    for ident in await conn.fetch(
+        "SELECT customer_id, kind, value FROM identities WHERE customer_id = ANY($1::text[]) "
+        "ORDER BY created_at, kind, value",
+        list(found),
+    ):
+        found[ident["customer_id"]].append(ident)
+    return [_customer_record(r, found[r["id"]]) for r in rows]
+
+
+def _customer_record(row: Row, idents: Sequence[Row]) -> CustomerRecord:
+    return CustomerRecord(
+        id=row["id"],
+        known=bool(row["known"]),
+        profile={f: row[f] for f in PROFILE_FIELDS},
+        custom=json.loads(row["custom"]),
+        identities=tuple(Identity(r["kind"], r["value"]) for r in idents),
+        version=row["version"],
+        created_at=_dt(row["created_at"]),
+        updated_at=_dt(row["updated_at"] if row["updated_at"] is not None else row["created_at"]),
+    )
+
+
 async def _customer_from_row(conn: Conn, row: Row) -> CustomerRecord:
     idents = await conn.fetch(
         "SELECT kind, value FROM identities WHERE customer_id = $1 "
         "ORDER BY created_at, kind, value",
         row["id"],
     )
-    return CustomerRecord(
-        id=row["id"],
-        known=bool(row["known"]),
-        profile={f: row[f] for f in PROFILE_FIELDS},
-        custom=json.loads(row["custom"]),
-        identities=tuple(Identity(r[0], r[1]) for r in idents),
-        version=row["version"],
-        created_at=_dt(row["created_at"]),
-        updated_at=_dt(row["updated_at"] if row["updated_at"] is not None else row["created_at"]),
-    )
+    return _customer_record(row, idents)
 
 
 async def _customer(conn: Conn, customer_id: str, *, lock: bool = False) -> CustomerRecord | None:
@@ -2407,6 +2924,19 @@ async def _erase(conn: Conn, customer_id: str, now: datetime, marker: str) -> in
             identity,
             _json(data),
             conv["id"],
+        )
+    # Profile notifications (pending, delivered or dead) keep only the customer's id.
+    notices = await conn.fetch(
+        "SELECT id, payload FROM outbox WHERE conversation_id = ANY($1::text[])",
+        await _notice_lanes(conn, customer_id),
+    )
+    if notices:
+        await conn.executemany(
+            "UPDATE outbox SET payload = $1, last_error = NULL WHERE id = $2",
+            [
+                (_json(_strip_notice(json.loads(r["payload"]), secrets, marker)), r["id"])
+                for r in notices
+            ],
         )
     await conn.execute("DELETE FROM identities WHERE customer_id = $1", customer_id)
     # literal campaign parameters given for the customer (an order number, a name...)

@@ -13,7 +13,7 @@ import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from importlib import resources
@@ -39,13 +39,16 @@ from controller.store.base import (
     CampaignSend,
     CampaignWork,
     Committed,
+    CustomerChange,
     CustomerQuery,
     CustomerRecord,
+    CustomerSchema,
     DecisionRecord,
     IdempotencyKey,
     Identity,
     MergeResult,
     Message,
+    Notify,
     OfferRecord,
     OptOut,
     OutboxEntry,
@@ -57,7 +60,10 @@ from controller.store.base import (
     RulesVersion,
     Store,
     TimerRow,
+    change_kind,
     channel_identity,
+    offered_event,
+    skill_levels,
 )
 
 log = structlog.get_logger(__name__)
@@ -653,15 +659,19 @@ class SqliteStore(Store):
     async def upsert_agent(self, agent: AgentRecord) -> None:
         await self._write(
             lambda conn: conn.execute(
-                "INSERT INTO agents VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                "name = excluded.name, capacity = excluded.capacity, skills = excluded.skills",
+                "INSERT INTO agents (id, name, presence, capacity, skills, idle_since, channels, "
+                "teams) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "name = excluded.name, capacity = excluded.capacity, skills = excluded.skills, "
+                "channels = excluded.channels, teams = excluded.teams",
                 (
                     agent.id,
                     agent.name,
                     agent.presence,
                     agent.capacity,
-                    json.dumps(list(agent.skills)),
+                    json.dumps(dict(agent.skills)),
                     _ts(agent.idle_since),
+                    json.dumps(dict(agent.channels)),
+                    json.dumps(list(agent.teams)),
                 ),
             )
         )
@@ -734,34 +744,41 @@ class SqliteStore(Store):
                     "AND e.dedupe_key = o.id || ':accepted' WHERE e.status = 'pending'"
                 )
             ]
-            return RouterSnapshot(agents, queued, offers, assignments, tried, accepting)
+            channels = {
+                r[0]: r[1]
+                for r in conn.execute(
+                    "SELECT id, json_extract(snapshot, '$.channel') FROM conversations "
+                    "WHERE state = 'queued' OR id IN "
+                    "(SELECT conversation_id FROM assignments UNION SELECT conversation_id "
+                    "FROM offers WHERE status = 'pending')"
+                )
+            }
+            return RouterSnapshot(agents, queued, offers, assignments, tried, accepting, channels)
 
         return await self._read(run)
 
     async def create_offer(self, offer: OfferRecord, now: datetime) -> Accepted:
         def run(conn: sqlite3.Connection) -> Accepted:
-            conn.execute(
-                "INSERT INTO offers (id, conversation_id, agent_id, status, created_at, "
-                "expires_at) VALUES (?, ?, ?, 'pending', ?, ?)",
-                (
-                    offer.id,
-                    offer.conversation_id,
-                    offer.agent_id,
-                    _ts(offer.created_at),
-                    _ts(offer.expires_at),
-                ),
-            )
-            return _accept_one(
-                conn,
-                NewEvent(
-                    type="agent.offered",
-                    source="router",
-                    dedupe_key=f"{offer.id}:offered",
-                    conversation_id=offer.conversation_id,
-                    data={"agent_id": offer.agent_id, "offer_id": offer.id},
-                ),
-                now,
-            )
+            _insert_offer(conn, offer)
+            return _accept_one(conn, offered_event(offer), now)
+
+        return await self._write(run)
+
+    async def create_offers(
+        self, offers: Sequence[OfferRecord], now: datetime
+    ) -> list[Accepted | None]:
+        def run(conn: sqlite3.Connection) -> list[Accepted | None]:
+            results: list[Accepted | None] = []
+            for offer in offers:
+                row = conn.execute(
+                    "SELECT closed FROM conversations WHERE id = ?", (offer.conversation_id,)
+                ).fetchone()
+                if row is None or row[0]:
+                    results.append(None)
+                    continue
+                _insert_offer(conn, offer)
+                results.append(_accept_one(conn, offered_event(offer), now))
+            return results
 
         return await self._write(run)
 
@@ -883,6 +900,8 @@ class SqliteStore(Store):
         identities: Sequence[Identity],
         now: datetime,
         idempotency: IdempotencyKey | None = None,
+        *,
+        notify: Notify | None = None,
     ) -> CustomerRecord | Replay:
         def run(conn: sqlite3.Connection) -> CustomerRecord | Replay:
             replay = _replay(conn, idempotency)
@@ -890,6 +909,7 @@ class SqliteStore(Store):
                 return replay
             record = _create_customer(conn, profile, identities, now)
             _remember(conn, idempotency, 201, record.as_dict(), now)
+            _notify(conn, notify, CustomerChange("created", record.id, record.version, now, record))
             return record
 
         return await self._write(run)
@@ -904,17 +924,29 @@ class SqliteStore(Store):
         now: datetime,
         *,
         expected_version: int | None,
+        notify: Notify | None = None,
     ) -> CustomerRecord:
         def run(conn: sqlite3.Connection) -> CustomerRecord:
-            return _update_customer(conn, customer_id, changes, now, expected_version)
+            known = _current(conn, customer_id, expected_version).known
+            record = _update_customer(conn, customer_id, changes, now, expected_version)
+            kind = change_kind(known, record)
+            _notify(conn, notify, CustomerChange(kind, record.id, record.version, now, record))
+            return record
 
         return await self._write(run)
 
     async def delete_customer(
-        self, customer_id: str, now: datetime, *, expected_version: int | None = None
+        self,
+        customer_id: str,
+        now: datetime,
+        *,
+        expected_version: int | None = None,
+        notify: Notify | None = None,
     ) -> int:
         def run(conn: sqlite3.Connection) -> int:
             current = _current(conn, customer_id, expected_version)
+            change = CustomerChange("deleted", customer_id, current.version + 1, now)
+            _notify(conn, notify, change)
             conn.execute("DELETE FROM identities WHERE customer_id = ?", (customer_id,))
             used = conn.execute(
                 "SELECT 1 FROM conversations WHERE customer_id = ? LIMIT 1", (customer_id,)
@@ -953,11 +985,14 @@ class SqliteStore(Store):
             if query.name_prefix:
                 where.append("name >= ? AND name < ?")
                 args += [query.name_prefix, query.name_prefix + "\U0010ffff"]
+            if query.updated_since is not None:
+                where.append("updated_at >= ?")
+                args.append(_ts(query.updated_since))
             rows = conn.execute(
                 f"SELECT * FROM customers WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
                 (*args, query.limit + 1),
             ).fetchall()
-            records = [_customer_from_row(conn, r) for r in rows[: query.limit]]
+            records = _customers_from_rows(conn, rows[: query.limit])
             more = len(rows) > query.limit
             return records, records[-1].id if more and records else None
 
@@ -979,6 +1014,8 @@ class SqliteStore(Store):
         identity: Identity,
         now: datetime,
         idempotency: IdempotencyKey | None = None,
+        *,
+        notify: Notify | None = None,
     ) -> CustomerRecord | Replay:
         def run(conn: sqlite3.Connection) -> CustomerRecord | Replay:
             replay = _replay(conn, idempotency)
@@ -997,6 +1034,9 @@ class SqliteStore(Store):
             record = _customer(conn, customer_id)
             assert record is not None
             _remember(conn, idempotency, 200, record.as_dict(), now)
+            if record.version != current.version:
+                change = CustomerChange("identified", record.id, record.version, now, record)
+                _notify(conn, notify, change)
             return record
 
         return await self._write(run)
@@ -1013,7 +1053,12 @@ class SqliteStore(Store):
         return await self._read(run)
 
     async def bulk_upsert_customers(
-        self, lines: Sequence[tuple[int, Mapping[str, Any]]], now: datetime
+        self,
+        lines: Sequence[tuple[int, Mapping[str, Any]]],
+        now: datetime,
+        *,
+        notify: Notify | None = None,
+        required_custom: Collection[str] = (),
     ) -> list[BulkOutcome]:
         def run(conn: sqlite3.Connection) -> list[BulkOutcome]:
             outcomes: list[BulkOutcome] = []
@@ -1021,7 +1066,10 @@ class SqliteStore(Store):
                 # each line atomic on its own inside the batch's transaction
                 conn.execute("SAVEPOINT bulk_line")
                 try:
-                    outcome, record = _upsert_by_external_id(conn, changes, now)
+                    outcome, record = _upsert_by_external_id(conn, changes, now, required_custom)
+                    if outcome != "unchanged":
+                        change = CustomerChange(outcome, record.id, record.version, now, record)
+                        _notify(conn, notify, change)
                 except (ConvctlError, sqlite3.IntegrityError) as exc:
                     conn.execute("ROLLBACK TO bulk_line")
                     conn.execute("RELEASE bulk_line")
@@ -1038,7 +1086,9 @@ class SqliteStore(Store):
 
         return await self._write(run)
 
-    async def merge_customers(self, into_id: str, from_id: str, now: datetime) -> MergeResult:
+    async def merge_customers(
+        self, into_id: str, from_id: str, now: datetime, *, notify: Notify | None = None
+    ) -> MergeResult:
         def run(conn: sqlite3.Connection) -> MergeResult:
             if into_id == from_id:
                 raise RequestError(
@@ -1108,6 +1158,8 @@ class SqliteStore(Store):
             )
             merged = _customer(conn, into_id)
             assert merged is not None
+            change = CustomerChange("merged", into_id, merged.version, now, merged, from_id)
+            _notify(conn, notify, change)
             return MergeResult(
                 into_id,
                 from_id,
@@ -1146,9 +1198,13 @@ class SqliteStore(Store):
 
         return await self._read(run)
 
-    async def erase_customer(self, customer_id: str, now: datetime, marker: str) -> int:
+    async def erase_customer(
+        self, customer_id: str, now: datetime, marker: str, *, notify: Notify | None = None
+    ) -> int:
         def run(conn: sqlite3.Connection) -> int:
-            return _erase(conn, customer_id, now, marker)
+            version = _erase(conn, customer_id, now, marker)
+            _notify(conn, notify, CustomerChange("erased", customer_id, version, now))
+            return version
 
         version = await self._write(run)
         # Old page images live on in the WAL until a checkpoint; deleted cells are zeroed
@@ -1159,6 +1215,29 @@ class SqliteStore(Store):
         if busy:
             log.warning("erase_checkpoint_busy", customer_id=customer_id)
         return version
+
+    async def customer_schema(self, version: int | None = None) -> CustomerSchema | None:
+        return await self._read(lambda conn: _customer_schema(conn, version))
+
+    async def save_customer_schema(
+        self, document: Mapping[str, Any], now: datetime, *, expected_version: int | None
+    ) -> tuple[CustomerSchema, bool]:
+        def run(conn: sqlite3.Connection) -> tuple[CustomerSchema, bool]:
+            current = _customer_schema(conn, None)
+            version = current.version if current else 0
+            if expected_version is not None and expected_version != version:
+                raise PreconditionFailed(
+                    f"the customer schema is at version {version}, not {expected_version}"
+                )
+            if current is not None and current.document == document:
+                return current, False
+            conn.execute(
+                "INSERT INTO customer_schemas VALUES (?, ?, ?)",
+                (version + 1, json.dumps(document, separators=(",", ":")), _ts(now)),
+            )
+            return CustomerSchema(version + 1, dict(document), now), True
+
+        return await self._write(run)
 
     async def customer_conversations(self, customer_id: str) -> list[dict[str, Any]]:
         def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -2110,8 +2189,24 @@ def _agent_from_row(row: sqlite3.Row) -> AgentRecord:
         name=row["name"],
         presence=row["presence"],
         capacity=row["capacity"],
-        skills=tuple(json.loads(row["skills"])),
+        skills=skill_levels(json.loads(row["skills"])),
         idle_since=_dt(row["idle_since"]),
+        channels=json.loads(row["channels"]),
+        teams=tuple(json.loads(row["teams"])),
+    )
+
+
+def _insert_offer(conn: sqlite3.Connection, offer: OfferRecord) -> None:
+    conn.execute(
+        "INSERT INTO offers (id, conversation_id, agent_id, status, created_at, "
+        "expires_at) VALUES (?, ?, ?, 'pending', ?, ?)",
+        (
+            offer.id,
+            offer.conversation_id,
+            offer.agent_id,
+            _ts(offer.created_at),
+            _ts(offer.expires_at),
+        ),
     )
 
 
@@ -2134,6 +2229,8 @@ def _create_customer(
 ) -> CustomerRecord:
     customer_id = new_id("cu")
     fields = {f: profile.get(f) for f in PROFILE_FIELDS}
+    custom = {k: v for k, v in (profile.get("custom") or {}).items() if v is not None}
+    _external_id_free(conn, fields["external_id"])
     conn.execute(
         "INSERT INTO customers (id, identity_key, created_at, updated_at, known, "
         "custom, name, email, phone, language, external_id) "
@@ -2143,16 +2240,48 @@ def _create_customer(
             f"customer:{customer_id}",  # no channel contact yet; unique placeholder
             _ts(now),
             _ts(now),
-            json.dumps(dict(profile.get("custom") or {}), separators=(",", ":")),
+            json.dumps(custom, separators=(",", ":")),
             *fields.values(),
         ),
     )
     wanted = [Identity(k, str(fields[f])) for f, k in IDENTITY_FIELDS.items() if fields[f]]
-    for ident in dict.fromkeys([*wanted, *identities]):
+    added = list(dict.fromkeys([*wanted, *identities]))
+    for ident in added:
         _add_identity(conn, customer_id, ident, now)
-    record = _customer(conn, customer_id)
-    assert record is not None
-    return record
+    return _new_record(customer_id, fields, custom, added, _dt(_ts(now)))
+
+
+def _external_id_free(conn: sqlite3.Connection, external_id: str | None) -> None:
+    """Conflict if another customer has the external id (before the unique index refuses
+    the insert with an IntegrityError)."""
+    if (
+        external_id
+        and conn.execute("SELECT 1 FROM customers WHERE external_id = ?", (external_id,)).fetchone()
+    ):
+        raise Conflict(
+            f"external id {external_id!r} belongs to another customer", code="identity_taken"
+        )
+
+
+def _new_record(
+    customer_id: str,
+    fields: Mapping[str, Any],
+    custom: Mapping[str, Any],
+    identities: Sequence[Identity],
+    at: datetime,
+) -> CustomerRecord:
+    """A customer just created, as reading it back would give it (its identities all have
+    its creation time, so they are listed by kind and value)."""
+    return CustomerRecord(
+        id=customer_id,
+        known=True,
+        profile=dict(fields),
+        custom=dict(custom),
+        identities=tuple(sorted(identities, key=lambda i: (i.kind, i.value))),
+        version=1,
+        created_at=at,
+        updated_at=at,
+    )
 
 
 def _update_customer(
@@ -2201,7 +2330,10 @@ def _update_customer(
 
 
 def _upsert_by_external_id(
-    conn: sqlite3.Connection, changes: Mapping[str, Any], now: datetime
+    conn: sqlite3.Connection,
+    changes: Mapping[str, Any],
+    now: datetime,
+    required_custom: Collection[str] = (),
 ) -> tuple[str, CustomerRecord]:
     """One bulk line: ("created" | "updated" | "unchanged", the record)."""
     row = conn.execute(
@@ -2209,6 +2341,7 @@ def _upsert_by_external_id(
         (changes["external_id"],),
     ).fetchone()
     if row is None:
+        _check_required(changes, required_custom)
         return "created", _create_customer(conn, changes, (), now)
     current = _current(conn, row[0], None)
     same_fields = all(current.profile[f] == changes[f] for f in PROFILE_FIELDS if f in changes)
@@ -2222,21 +2355,100 @@ def _upsert_by_external_id(
     return "updated", _update_customer(conn, current.id, changes, now, None)
 
 
-def _customer_from_row(conn: sqlite3.Connection, row: sqlite3.Row) -> CustomerRecord:
-    idents = conn.execute(
-        "SELECT kind, value FROM identities WHERE customer_id = ? ORDER BY created_at, kind, value",
-        (row["id"],),
-    ).fetchall()
+def _customer_schema(conn: sqlite3.Connection, version: int | None) -> CustomerSchema | None:
+    row = conn.execute(
+        "SELECT version, document, created_at FROM customer_schemas "
+        + ("WHERE version = ?" if version is not None else "ORDER BY version DESC LIMIT 1"),
+        (version,) if version is not None else (),
+    ).fetchone()
+    return CustomerSchema(row[0], json.loads(row[1]), _dt(row[2])) if row else None
+
+
+def _check_required(changes: Mapping[str, Any], required_custom: Collection[str]) -> None:
+    """A new profile must have every required custom field (the schema's ``required``)."""
+    custom = changes.get("custom") or {}
+    missing = [k for k in required_custom if custom.get(k) is None]
+    if missing:
+        raise RequestError(
+            f"custom field {missing[0]!r} is required", code="invalid_custom", status=422
+        )
+
+
+def _notify(conn: sqlite3.Connection, notify: Notify | None, change: CustomerChange) -> None:
+    """Outbox rows announcing ``change``, in the caller's transaction, on the customer's lane
+    (unclaimed and due now: the dispatcher's poller delivers them, in lane order)."""
+    if notify is None:
+        return
+    rows = [
+        (
+            change.customer_id,
+            change.notice_id,
+            n,
+            new.destination,
+            json.dumps(new.payload, separators=(",", ":")),
+            _ts(change.at),
+            _ts(change.at),
+        )
+        for n, new in enumerate(notify(change))
+    ]
+    if rows:
+        conn.executemany(
+            "INSERT INTO outbox (conversation_id, event_id, n, destination, payload, claimed, "
+            "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+            rows,
+        )
+
+
+def _notice_lanes(conn: sqlite3.Connection, customer_id: str) -> list[str]:
+    """The customer and everyone merged into it (through chains): their notification lanes."""
+    lanes, todo = [customer_id], [customer_id]
+    while todo and len(lanes) < 10_000:
+        into = todo.pop()
+        for (from_id,) in conn.execute(
+            "SELECT from_id FROM customer_merges WHERE into_id = ?", (into,)
+        ).fetchall():
+            if from_id not in lanes:
+                lanes.append(from_id)
+                todo.append(from_id)
+    return lanes
+
+
+def _customers_from_rows(
+    conn: sqlite3.Connection, rows: Sequence[sqlite3.Row]
+) -> list[CustomerRecord]:
+    """Records of a page of customer rows, their identities read in one query."""
+    if not rows:
+        return []
+    found: dict[str, list[sqlite3.Row]] = {r["id"]: [] for r in rows}
+    marks = ",".join("?" * len(found))
+    for ident in conn.execute(
+        f"SELECT customer_id, kind, value FROM identities WHERE customer_id IN ({marks}) "
+        "ORDER BY created_at, kind, value",
+        list(found),
+    ):
+        found[ident[0]].append(ident)
+    return [_customer_record(r, found[r["id"]]) for r in rows]
+
+
+def _customer_record(row: sqlite3.Row, idents: Sequence[sqlite3.Row]) -> CustomerRecord:
     return CustomerRecord(
         id=row["id"],
         known=bool(row["known"]),
         profile={f: row[f] for f in PROFILE_FIELDS},
         custom=json.loads(row["custom"]),
-        identities=tuple(Identity(r[0], r[1]) for r in idents),
+        identities=tuple(Identity(r["kind"], r["value"]) for r in idents),
         version=row["version"],
         created_at=_dt(row["created_at"]),
         updated_at=_dt(row["updated_at"] if row["updated_at"] is not None else row["created_at"]),
     )
+
+
+def _customer_from_row(conn: sqlite3.Connection, row: sqlite3.Row) -> CustomerRecord:
+    idents = conn.execute(
+        "SELECT kind, value FROM identities WHERE customer_id = ? ORDER BY created_at, kind, value",
+        (row["id"],),
+    ).fetchall()
+    return _customer_record(row, idents)
 
 
 def _customer(conn: sqlite3.Connection, customer_id: str) -> CustomerRecord | None:
@@ -2310,6 +2522,14 @@ def _redact(value: Any, secrets: Sequence[str], marker: str) -> Any:
             if secret in value:
                 value = value.replace(secret, marker)
     return value
+
+
+def _strip_notice(payload: Any, secrets: Sequence[str], marker: str) -> Any:
+    """A profile notification after erasure: its ``customer`` is only the id, and whatever
+    else it holds is redacted."""
+    if isinstance(payload, dict) and isinstance(payload.get("customer"), dict):
+        payload = {**payload, "customer": {"id": payload["customer"].get("id")}}
+    return _redact(payload, secrets, marker)
 
 
 def _rewrite_json(
@@ -2387,6 +2607,20 @@ def _erase(conn: sqlite3.Connection, customer_id: str, now: datetime, marker: st
             "WHERE id = ?",
             (identity, json.dumps(data, separators=(",", ":")), conv["id"]),
         )
+    # Profile notifications (pending, delivered or dead) keep only the customer's id.
+    lanes = _notice_lanes(conn, customer_id)
+    for start in range(0, len(lanes), 500):
+        chunk = lanes[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row_id, raw in conn.execute(
+            f"SELECT id, payload FROM outbox WHERE conversation_id IN ({marks})", chunk
+        ).fetchall():
+            stripped = json.dumps(
+                _strip_notice(json.loads(raw), secrets, marker), separators=(",", ":")
+            )
+            conn.execute(
+                "UPDATE outbox SET payload = ?, last_error = NULL WHERE id = ?", (stripped, row_id)
+            )
     conn.execute("DELETE FROM identities WHERE customer_id = ?", (customer_id,))
     # literal campaign parameters given for the customer (an order number, a name...)
     conn.execute(

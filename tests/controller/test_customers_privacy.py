@@ -10,7 +10,7 @@ from typing import Any
 from controller.clock import ManualClock
 from controller.keys import CLOCK
 from controller.models import NewEvent
-from controller.testing import RULES_DIR, Service
+from controller.testing import RULES_DIR, Service, free_port
 
 API = "/api/v1/customers"
 
@@ -167,7 +167,48 @@ async def test_merge_with_conversations_on_both_sides(
     assert again_cid == wa_cid
 
 
+async def _stored_bytes(service: Service) -> bytes:
+    """Everything the database holds: the SQLite file and its WAL, or on PostgreSQL every
+    row of every table of the service's schema as text."""
+    settings = service.settings
+    if not settings.database_url:
+        db = Path(settings.database_path)
+        return b"".join(p.read_bytes() for p in (db, Path(f"{db}-wal")) if p.exists())
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        schema = settings.database_schema
+        tables = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = $1", schema)
+        parts = [
+            await conn.fetchval(f'SELECT string_agg(t::text, chr(10)) FROM "{schema}"."{r[0]}" t')
+            for r in tables
+        ]
+    finally:
+        await conn.close()
+    return "\n".join(p or "" for p in parts).encode()
+
+
 async def test_erase_leaves_nothing_personal_in_the_database(service: Service) -> None:
+    # an app hears profile changes, but its webhook is down: the notifications wait
+    status, app, _ = await _call(
+        service,
+        "POST",
+        "/api/v1/apps",
+        json={
+            "name": "crm-down",
+            "scopes": ["events:subscribe", "customers:read"],
+            "webhook_url": f"http://127.0.0.1:{free_port()}/down",
+        },
+    )
+    assert status == 201, app
+    status, _, _ = await _call(
+        service,
+        "POST",
+        f"/api/v1/apps/{app['id']}/subscriptions",
+        json={"event_types": ["profile.updated", "profile.identified"]},
+    )
+    assert status == 201
     web = await service.customer()
     cid = await web.start_with_bot("hello")
     await web.say("my secret word is Zanzibar-4711")
@@ -198,7 +239,6 @@ async def test_erase_leaves_nothing_personal_in_the_database(service: Service) -
     wa_conv = await service.store.load_conversation(wa_cid)
     assert wa_conv is not None and wa_conv.customer_id == conv.customer_id
 
-    db = Path(service.settings.database_path)
     secrets = [
         "Adelheid Quarkmann",
         "adelheid.q@example.com",
@@ -209,11 +249,15 @@ async def test_erase_leaves_nothing_personal_in_the_database(service: Service) -
         "Quixotic-998",
     ]
 
-    def found() -> set[str]:
-        data = b"".join(p.read_bytes() for p in (db, Path(f"{db}-wal")) if p.exists())
+    async def found() -> set[str]:
+        data = await _stored_bytes(service)
         return {s for s in secrets if s.encode() in data}
 
-    assert "Zanzibar-4711" in found()  # the search does see stored values
+    assert "Zanzibar-4711" in await found()  # the search does see stored values
+    notices = [
+        r for r in await service.store.outbox_rows() if r["conversation_id"] == conv.customer_id
+    ]
+    assert "Birkenweg 17" in str([r["payload"] for r in notices])  # held for the app
     counts = {t: await service.store.count(t) for t in ("messages", "events", "decisions")}
     transcript = await service.store.messages(cid, include_agent_only=True)
 
@@ -223,7 +267,7 @@ async def test_erase_leaves_nothing_personal_in_the_database(service: Service) -
     status, _, _ = await _call(service, "DELETE", f"{path}?erase=true")
     assert status == 204
 
-    assert found() == set()
+    assert await found() == set()
     # Aggregates stay: the same rows, the same states, the same senders.
     assert counts == {t: await service.store.count(t) for t in ("messages", "events", "decisions")}
     after = await service.store.messages(cid, include_agent_only=True)

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from controller.clock import ManualClock
+from controller.keys import WORKERS
+from controller.models import NewEvent
 from controller.settings import ConnectorInstance
 from controller.testing import Service
 from controller.testing_graph import FakeGraph, MetaSender, change, envelope, text_message
@@ -135,3 +137,41 @@ async def test_outbound_refusals_are_clear(svc: Service, graph: FakeGraph) -> No
     status, third = await _post(svc, alice.token, by_id)
     assert status == 202 and third["conversation_id"] == ack["conversation_id"]
     await graph.wait_sent(3)
+
+
+async def test_a_second_message_before_the_first_is_decided_continues_the_conversation(
+    svc: Service, graph: FakeGraph, clock: ManualClock
+) -> None:
+    """Alice's first outbound message is accepted but not decided yet (she is no participant
+    yet): her second one goes into the same conversation, not a 409; Bob still gets the 409."""
+    alice = await svc.agent("alice")
+    bob = await svc.agent("bob")
+    base = {"channel": "whatsapp", "endpoint": NUMBER, "to": USER}
+    # As the handler stores it, but the workers are not told: the decision is still to come.
+    [first] = await svc.store.accept(
+        [
+            NewEvent(
+                type="agent.outbound",
+                source="agent:alice",
+                dedupe_key="race-first",
+                channel="whatsapp",
+                instance="whatsapp",
+                endpoint=NUMBER,
+                identity=USER,
+                data={"agent_id": "alice", "text": "First"},
+            )
+        ],
+        clock.now(),
+    )
+    cid = first.conversation_id
+    status, err = await _post(svc, bob.token, {**base, "text": "Bob here"})
+    assert status == 409 and err["error"]["code"] == "conversation_open"
+    status, second = await _post(svc, alice.token, {**base, "text": "Second"})
+    assert status == 202 and second["conversation_id"] == cid
+    svc.app[WORKERS].notify([cid])
+    conv = await svc.until(cid, lambda c: c.version >= 2)
+    assert [(p.role, p.id, p.primary) for p in conv.participants] == [("agent", "alice", True)]
+    sent = await graph.wait_sent(2)
+    assert [r.json["text"]["body"] for r in sent] == ["First", "Second"]
+    decided = [(e.type, s) for e, s in await svc.store.events(cid) if e.type == "agent.outbound"]
+    assert decided == [("agent.outbound", "decided"), ("agent.outbound", "decided")]

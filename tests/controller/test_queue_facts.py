@@ -68,6 +68,7 @@ async def test_a_rule_reads_the_queue_position_and_the_wait(
         "name": "support",
         "open": True,
         "agents_available": 0,
+        "waiting": 2,
         "position": 1,
         "estimated_wait": round(offer),
     }

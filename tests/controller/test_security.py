@@ -33,6 +33,7 @@ ACCESS: dict[tuple[str, str], set[str]] = {
     ("GET", "/healthz"): {PUBLIC},
     ("GET", "/readyz"): {PUBLIC},
     ("GET", "/metrics"): {PUBLIC},
+    ("GET", "/api/v1/openapi.json"): {PUBLIC},  # the OpenAPI document of the JSON APIs
     ("GET", "/desk"): {PUBLIC},  # the page; it signs in with an agent token itself
     ("GET", "/webchat"): {PUBLIC},
     ("POST", "/webchat/session"): {PUBLIC},  # gives a visitor its signed session token
@@ -66,6 +67,9 @@ ACCESS: dict[tuple[str, str], set[str]] = {
     ("POST", "/api/v1/customers"): WRITERS,
     ("GET", "/api/v1/customers"): READERS,
     ("GET", "/api/v1/customers/lookup"): READERS,
+    ("GET", "/api/v1/customers/export"): WRITERS,
+    ("GET", "/api/v1/customers/schema"): READERS,
+    ("PUT", "/api/v1/customers/schema"): {ADMIN},
     ("POST", "/api/v1/customers/bulk"): WRITERS,
     ("GET", "/api/v1/customers/{customer_id}"): READERS,
     ("PATCH", "/api/v1/customers/{customer_id}"): WRITERS,

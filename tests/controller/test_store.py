@@ -622,11 +622,14 @@ async def test_messages_keep_their_order(store: Store) -> None:
 
 # agents, offers, tokens, rules ----------------------------------------------------------------
 async def test_agents_offers_and_the_router_snapshot(store: Store) -> None:
-    await store.upsert_agent(AgentRecord("alice", "Alice", "offline", 2, ("en",), T0))
-    await store.upsert_agent(AgentRecord("alice", "Alice B", "available", 3, ("en", "fr"), T0))
+    await store.upsert_agent(AgentRecord("alice", "Alice", "offline", 2, {"en": 1}, T0))
+    changed = AgentRecord(
+        "alice", "Alice B", "available", 5, {"en": 1, "fr": 7}, T0, {"webchat": 3}, ("t1",)
+    )
+    await store.upsert_agent(changed)
     agent = await store.agent("alice")
     # an upsert keeps presence and idle time
-    assert agent == AgentRecord("alice", "Alice B", "offline", 3, ("en", "fr"), T0)
+    assert agent == replace(changed, presence="offline")
     await store.set_presence("alice", "available", T0)
     await store.touch_agent_idle("alice", T0 + timedelta(seconds=5))
     agent = await store.agent("alice")
@@ -665,6 +668,34 @@ async def test_agents_offers_and_the_router_snapshot(store: Store) -> None:
         assert snap.tried == [(cid, "alice")] and snap.assignments == []
     assert await store.offer("of_missing") is None
     assert await store.resolve_offer("of_1", "declined", "agent.declined", T0) is None
+
+
+async def test_offers_of_one_pass_are_stored_together(store: Store) -> None:
+    """create_offers: every offer and its agent.offered event in one transaction; a closed
+    conversation gets none (None in its place) and does not stop the others."""
+    open_ids = [await new_conversation(store, f"visitor-{i}") for i in range(3)]
+    for cid in open_ids:
+        await decide_all(store, cid, state="queued", queue="support")
+    closed = await new_conversation(store, "visitor-closed")
+    await decide_all(store, closed, state="closed")
+    expires = T0 + timedelta(seconds=30)
+    offers = [
+        OfferRecord(f"of_{i}", cid, "alice", "pending", T0, expires)
+        for i, cid in enumerate([open_ids[0], closed, *open_ids[1:]])
+    ]
+    results = await store.create_offers(offers, T0)
+    assert results[1] is None
+    made = [r for r in results if r is not None]
+    assert [r.conversation_id for r in made] == open_ids
+    for result, offer in zip(made, [offers[0], *offers[2:]], strict=True):
+        event = await store.event(result.event_id)
+        assert event is not None and event.type == "agent.offered"
+        assert event.data == {"agent_id": "alice", "offer_id": offer.id}
+    snap = await store.router_snapshot()
+    assert sorted(o.id for o in snap.pending_offers) == ["of_0", "of_2", "of_3"]
+    assert await store.offer("of_1") is None
+    assert {cid: snap.channels[cid] for cid in open_ids} == dict.fromkeys(open_ids, "webchat")
+    assert await store.create_offers([], T0) == []
 
 
 async def test_assignments_follow_decisions(store: Store) -> None:
