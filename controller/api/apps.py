@@ -45,6 +45,7 @@ class ScopedRoute:
 
 _IN = "/api/v1/apps/me/conversations/{conversation_id}"  # apps in conversations
 _RUN = "campaigns:run"
+_READ, _WRITE = "customers:read", "customers:write"
 APP_API: tuple[ScopedRoute, ...] = (
     ScopedRoute("GET", "/api/v1/apps/me", None),
     ScopedRoute("GET", "/api/v1/apps/me/subscriptions", EVENTS_SCOPE),
@@ -71,6 +72,18 @@ APP_API: tuple[ScopedRoute, ...] = (
     ScopedRoute("GET", "/api/v1/campaigns/opt-outs", _RUN),
     ScopedRoute("POST", "/api/v1/campaigns/opt-outs", _RUN),
     ScopedRoute("DELETE", "/api/v1/campaigns/opt-outs/{customer_id}", _RUN),
+    # the Customer API (controller/api/customers.py): an app acts as a crm token would
+    ScopedRoute("POST", "/api/v1/customers", _WRITE),
+    ScopedRoute("GET", "/api/v1/customers", _READ),
+    ScopedRoute("GET", "/api/v1/customers/lookup", _READ),
+    ScopedRoute("GET", "/api/v1/customers/export", _READ),
+    ScopedRoute("GET", "/api/v1/customers/schema", _READ),
+    ScopedRoute("POST", "/api/v1/customers/bulk", _WRITE),
+    ScopedRoute("GET", "/api/v1/customers/{customer_id}", _READ),
+    ScopedRoute("PATCH", "/api/v1/customers/{customer_id}", _WRITE),
+    ScopedRoute("DELETE", "/api/v1/customers/{customer_id}", _WRITE),
+    ScopedRoute("POST", "/api/v1/customers/{customer_id}/identities", _WRITE),
+    ScopedRoute("POST", "/api/v1/customers/{customer_id}/merge", _WRITE),
 )
 _SCOPE_OF = {(r.method, r.path): r.scope for r in APP_API}
 

@@ -28,7 +28,9 @@ from pydantic import (
 from pydantic import StringConstraints as Str
 
 from controller.api.common import Principal, authenticate, read_json, refuse_bad_text
+from controller.apps import require_scope
 from controller.customers import (
+    PROFILE_SCOPE,
     CustomSchema,
     ProfileNotices,
     normalize_email,
@@ -50,8 +52,21 @@ from controller.store.base import (
 
 log = structlog.get_logger(__name__)
 
-WRITERS = ("admin", "crm")
-READERS = ("admin", "crm", "agent")
+WRITE_SCOPE = "customers:write"
+
+
+async def _writer(request: web.Request) -> Principal:
+    """Admin and crm tokens, and apps with ``customers:write``, manage customers."""
+    return await require_scope(request, WRITE_SCOPE, also=("crm",))
+
+
+async def _reader(request: web.Request, *, agents: bool = True) -> Principal:
+    """Admin and crm tokens, apps with ``customers:read`` and (unless ``agents`` is False:
+    reading every profile at once) agents read customers."""
+    roles = ("crm", "agent") if agents else ("crm",)
+    return await require_scope(request, PROFILE_SCOPE, also=roles)
+
+
 # what erasure writes in place of a personal value
 ERASED = "[erased]"
 # bulk upsert: the body is streamed line by line, so it may exceed the app's body limit
@@ -193,7 +208,7 @@ def _delivered(request: web.Request, notices: ProfileNotices) -> None:
 
 
 async def create(request: web.Request) -> web.Response:
-    principal = await authenticate(request, *WRITERS)
+    principal = await _writer(request)
     body = await read_json(request, CreateBody)
     region = _region(request)
     identities = [normalize_identity(i.kind, i.value, region) for i in body.identities]
@@ -216,7 +231,7 @@ async def create(request: web.Request) -> web.Response:
 
 
 async def get_one(request: web.Request) -> web.Response:
-    await authenticate(request, *READERS)
+    await _reader(request)
     customer_id = _customer_id(request)
     record = await request.app[STORE].customer(customer_id)
     if record is None:
@@ -233,7 +248,7 @@ async def get_one(request: web.Request) -> web.Response:
 
 
 async def patch(request: web.Request) -> web.Response:
-    await authenticate(request, *WRITERS)
+    await _writer(request)
     expected = _if_match(request, required=True)
     body = await read_json(request, PatchBody)
     schema = await _schema(request)
@@ -259,7 +274,10 @@ async def patch(request: web.Request) -> web.Response:
 async def delete(request: web.Request) -> web.Response:
     """Delete (admin, crm); ``?erase=true`` erases instead (admin only)."""
     erase = _bool("erase", request.query.get("erase"))
-    await authenticate(request, *(("admin",) if erase else WRITERS))
+    if erase:
+        await authenticate(request, "admin")
+    else:
+        await _writer(request)
     customer_id = _customer_id(request)
     store = request.app[STORE]
     notices = _notices(request)
@@ -307,7 +325,7 @@ def _since(value: str | None) -> datetime | None:
 
 
 async def list_all(request: web.Request) -> web.Response:
-    await authenticate(request, *READERS)
+    await _reader(request)
     q = request.query
     try:
         limit = int(q.get("limit", "50"))
@@ -341,7 +359,7 @@ async def export_all(request: web.Request) -> web.StreamResponse:
     ``Convctl-Export-Started-At`` is the service time the export began: the next
     incremental export passes it (less a margin) as ``updated_since``.
     """
-    await authenticate(request, *WRITERS)
+    await _reader(request, agents=False)
     known = _bool("known", request.query.get("known"))
     since = _since(request.query.get("updated_since"))
     store = request.app[STORE]
@@ -370,7 +388,7 @@ async def export_all(request: web.Request) -> web.StreamResponse:
 
 
 async def lookup(request: web.Request) -> web.Response:
-    await authenticate(request, *READERS)
+    await _reader(request)
     text = request.query.get("identity")
     if text is None:
         raise RequestError("give ?identity=KIND:VALUE", code="invalid_query", status=422)
@@ -382,7 +400,7 @@ async def lookup(request: web.Request) -> web.Response:
 
 
 async def attach_identity(request: web.Request) -> web.Response:
-    principal = await authenticate(request, *WRITERS)
+    principal = await _writer(request)
     body = await read_json(request, IdentityBody)
     identity: Identity = normalize_identity(body.kind, body.value, _region(request))
     key = _idempotency(request, principal, body.model_dump(mode="json"))
@@ -502,7 +520,7 @@ class _Batches:
 
 async def bulk(request: web.Request) -> web.Response:
     """NDJSON upsert by external id, streamed: batches of 500 lines, each line atomic."""
-    await authenticate(request, *WRITERS)
+    await _writer(request)
     if request.content_type != "application/x-ndjson":
         raise RequestError(
             "send NDJSON (Content-Type: application/x-ndjson)",
@@ -556,7 +574,7 @@ async def bulk(request: web.Request) -> web.Response:
 
 async def merge(request: web.Request) -> web.Response:
     """``{"from": ID}``: ID's identities and conversations move here; ID becomes a tombstone."""
-    await authenticate(request, *WRITERS)
+    await _writer(request)
     body = await read_json(request, MergeBody)
     store = request.app[STORE]
     notices = _notices(request)
@@ -638,7 +656,7 @@ def _schema_answer(stored: CustomerSchema | None) -> web.Response:
 
 async def get_schema(request: web.Request) -> web.Response:
     """The custom field schema in force, or ``?version=N`` (an older one)."""
-    await authenticate(request, *READERS)
+    await _reader(request)
     raw = request.query.get("version")
     if raw is None:
         return _schema_answer(await request.app[STORE].customer_schema())

@@ -47,8 +47,9 @@ PUBLIC: tuple[Role, ...] = ()
 ADMIN: tuple[Role, ...] = ("admin",)
 AGENT: tuple[Role, ...] = ("agent",)
 APP: tuple[Role, ...] = ("app",)
-READERS: tuple[Role, ...] = ("admin", "crm", "agent")
-WRITERS: tuple[Role, ...] = ("admin", "crm")
+# the Customer API: apps with customers:read / customers:write act as a crm token would
+READERS: tuple[Role, ...] = ("admin", "crm", "agent", "app")
+WRITERS: tuple[Role, ...] = ("admin", "crm", "app")
 CONVERSATION_READERS: tuple[Role, ...] = ("admin", "agent", "app")
 CAMPAIGNERS: tuple[Role, ...] = ("admin", "app")
 

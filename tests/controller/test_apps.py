@@ -369,3 +369,25 @@ async def test_apps_read_conversations_with_the_scope(service: Service) -> None:
     ghost = (await r.json())["token"]
     status, _ = await call(service, "GET", f"/api/v1/conversations/{conversation_id}", ghost)
     assert status == 401
+
+
+async def test_apps_manage_customers_with_the_customer_scopes(service: Service) -> None:
+    writer = await register(service, ["customers:write"])
+    reader = await register(service, ["customers:read"])
+    body = {"name": "Ada", "email": "ada@example.com", "external_id": "crm-ada"}
+    status, made = await call(service, "POST", "/api/v1/customers", writer["token"], body)
+    assert status == 201 and made["known"] is True
+    # the writer cannot read (its scope is only customers:write), the reader can
+    status, answer = await call(service, "GET", f"/api/v1/customers/{made['id']}", writer["token"])
+    assert status == 403 and answer["error"]["scope"] == "customers:read"
+    status, found = await call(
+        service, "GET", "/api/v1/customers/lookup?identity=email:ada@example.com", reader["token"]
+    )
+    assert status == 200 and found["id"] == made["id"]
+    # the reader cannot write, and erasure stays an admin's
+    status, answer = await call(service, "POST", "/api/v1/customers", reader["token"], body)
+    assert status == 403 and answer["error"]["scope"] == "customers:write"
+    status, answer = await call(
+        service, "DELETE", f"/api/v1/customers/{made['id']}?erase=true", writer["token"]
+    )
+    assert status == 403 and answer["error"]["code"] == "wrong_role"

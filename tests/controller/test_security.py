@@ -21,8 +21,9 @@ from controller.testing import Service
 
 ADMIN, AGENT, CRM, APP = "admin", "agent", "crm", "app"
 PUBLIC = "public"
-READERS = {ADMIN, CRM, AGENT}
-WRITERS = {ADMIN, CRM}
+# apps act on customers as a crm token would, with customers:read / customers:write
+READERS = {ADMIN, CRM, AGENT, APP}
+WRITERS = {ADMIN, CRM, APP}
 CONV = "/api/v1/conversations/{conversation_id}"
 APPS_ME = "/api/v1/apps/me"
 APP_ADMIN = "/api/v1/apps/{app_id}"
@@ -67,7 +68,7 @@ ACCESS: dict[tuple[str, str], set[str]] = {
     ("POST", "/api/v1/customers"): WRITERS,
     ("GET", "/api/v1/customers"): READERS,
     ("GET", "/api/v1/customers/lookup"): READERS,
-    ("GET", "/api/v1/customers/export"): WRITERS,
+    ("GET", "/api/v1/customers/export"): {ADMIN, CRM, APP},
     ("GET", "/api/v1/customers/schema"): READERS,
     ("PUT", "/api/v1/customers/schema"): {ADMIN},
     ("POST", "/api/v1/customers/bulk"): WRITERS,
