@@ -21,7 +21,14 @@ from controller.clock import ManualClock
 from controller.keys import INBOX, METRICS
 from controller.models import NewEvent
 from controller.testing import Service
-from controller.testing_graph import FakeGraph, GraphRequest, change, envelope, text_message
+from controller.testing_graph import (
+    FakeGraph,
+    GraphRequest,
+    MetaSender,
+    change,
+    envelope,
+    text_message,
+)
 from tests.connectors.test_whatsapp import (
     NUMBER_A,
     SECRET,
@@ -77,6 +84,17 @@ async def _pending_channel_rows(svc: Service) -> list[dict[str, Any]]:
     ]
 
 
+async def _held_reply(svc: Service, sender: MetaSender, graph: FakeGraph) -> None:
+    """The customer says hi; Graph never takes the bot's reply and answers too late: the
+    reply is held for its status."""
+    graph.stall(1, taken=False, seconds=1.5)
+    await sender.post(
+        envelope([change(NUMBER_A, messages=[text_message(USER, "hi", "wamid.IN1")])])
+    )
+    await _until(lambda: _counter(svc, "outbox_held") == 1, "the send to be held")
+    await svc.settle()
+
+
 async def test_a_send_graph_took_but_never_answered_is_confirmed_by_its_status_not_resent(
     graph: FakeGraph, make_service: Callable[..., Any], clock: ManualClock
 ) -> None:
@@ -113,12 +131,7 @@ async def test_a_send_graph_never_took_goes_out_again_once_the_hold_has_passed(
     graph: FakeGraph, make_service: Callable[..., Any], clock: ManualClock
 ) -> None:
     svc, sender, graph = await _service(make_service, graph, clock)
-    graph.stall(1, taken=False, seconds=1.5)
-    await sender.post(
-        envelope([change(NUMBER_A, messages=[text_message(USER, "hi", "wamid.IN1")])])
-    )
-    await _until(lambda: _counter(svc, "outbox_held") == 1, "the send to be held")
-    await svc.settle()
+    await _held_reply(svc, sender, graph)
     assert _to_user(graph) == []  # nothing taken, and nothing tried again before the hold
     held = await _pending_channel_rows(svc)
     assert len(held) == 1
@@ -177,12 +190,7 @@ async def test_a_held_send_whose_status_was_stored_elsewhere_is_not_sent_again(
     # With several processes, the status webhook may reach a process that does not hold the
     # row: it is stored, not confirmed there. When the hold ends the stored status is found.
     svc, sender, graph = await _service(make_service, graph, clock)
-    graph.stall(1, taken=False, seconds=1.5)
-    await sender.post(
-        envelope([change(NUMBER_A, messages=[text_message(USER, "hi", "wamid.IN1")])])
-    )
-    await _until(lambda: _counter(svc, "outbox_held") == 1, "the send to be held")
-    await svc.settle()
+    await _held_reply(svc, sender, graph)
     [held] = await _pending_channel_rows(svc)
     key = f"{held['event_id']}:{held['n']}"
     await svc.app[INBOX].submit(
