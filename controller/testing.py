@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import secrets
 import signal
@@ -495,3 +496,60 @@ class ServiceProcess:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+# a web chat visitor that survives restarts and kills ------------------------------------------
+async def next_frame(
+    ws: aiohttp.ClientWebSocketResponse, kind: str, client_id: str | None = None
+) -> dict[str, Any]:
+    """The next frame of ``kind`` (and ``client_id``, for acks); a closed socket raises
+    ConnectionError, an error frame fails the test."""
+    while True:
+        msg = await ws.receive(timeout=10)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            raise ConnectionError(f"socket ended: {msg.type}")
+        frame = json.loads(msg.data)
+        assert frame["type"] != "error", frame
+        if frame["type"] == kind and (client_id is None or frame.get("client_id") == client_id):
+            return dict(frame)
+
+
+class ResendingVisitor:
+    """A web chat visitor who sends ``texts`` one by one, pausing ``pause`` seconds between
+    them like a person typing, and on every reconnect (to whatever address ``url`` gives)
+    resends what was not acknowledged yet, with the same client ids, in order — as the page
+    does. Used by the tests that kill the service under load."""
+
+    def __init__(self, texts: list[str], pause: float) -> None:
+        self.texts = texts
+        self.client_ids = [secrets.token_hex(8) for _ in texts]
+        self.acked: list[str] = []
+        self.token: str | None = None
+        self.visitor: str | None = None
+        self.pause = pause
+
+    async def send_all(self, url: Callable[[], str], http: aiohttp.ClientSession) -> None:
+        while len(self.acked) < len(self.texts):
+            try:
+                await self._attempt(url(), http)
+            except (aiohttp.ClientError, ConnectionError, TimeoutError):
+                await asyncio.sleep(0.05)
+
+    async def _attempt(self, base_url: str, http: aiohttp.ClientSession) -> None:
+        if self.token is None:
+            async with http.post(base_url + "/webchat/session") as r:
+                if r.status != 200:
+                    raise aiohttp.ClientError(f"session {r.status}")
+                body = await r.json()
+                self.token, self.visitor = body["token"], body["visitor_id"]
+        ws = await http.ws_connect(f"{base_url}/webchat/ws?token={self.token}")
+        try:
+            await next_frame(ws, "history")
+            for cid, text in list(zip(self.client_ids, self.texts, strict=True))[len(self.acked) :]:
+                await ws.send_json({"type": "message", "client_id": cid, "text": text})
+                ack = await next_frame(ws, "ack", cid)
+                assert ack["client_id"] == cid
+                self.acked.append(cid)
+                await asyncio.sleep(self.pause)
+        finally:
+            await ws.close()

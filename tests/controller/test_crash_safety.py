@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import random
-import secrets
 import sqlite3
 from collections import defaultdict
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controller.testing import ServiceProcess
+from controller.testing import ResendingVisitor, ServiceProcess
 
 CONVERSATIONS = int(os.environ.get("CONVCTL_CRASH_CONVERSATIONS", "200"))
 KILLS = int(os.environ.get("CONVCTL_CRASH_KILLS", "3"))
@@ -41,56 +40,15 @@ CONNECTORS = json.dumps(
 )
 
 
-class Customer:
+class Customer(ResendingVisitor):
     """A visitor who sends a fixed list of messages, surviving restarts like the page does."""
 
     def __init__(self, n: int) -> None:
-        self.texts = [f"{WORDS[(n + i) % len(WORDS)]} #{n}.{i}" for i in range(3)]
-        self.client_ids = [secrets.token_hex(8) for _ in self.texts]
-        self.acked: list[str] = []
-        self.token: str | None = None
-        self.visitor: str | None = None
-        self.pause = random.uniform(0.0, 0.6)
+        texts = [f"{WORDS[(n + i) % len(WORDS)]} #{n}.{i}" for i in range(3)]
+        super().__init__(texts, pause=random.uniform(0.0, 0.6))
 
     async def run(self, base_url: str, http: aiohttp.ClientSession) -> None:
-        while len(self.acked) < len(self.texts):
-            try:
-                await self._attempt(base_url, http)
-            except (aiohttp.ClientError, ConnectionError, TimeoutError):
-                await asyncio.sleep(0.05)
-
-    async def _attempt(self, base_url: str, http: aiohttp.ClientSession) -> None:
-        if self.token is None:
-            async with http.post(base_url + "/webchat/session") as r:
-                if r.status != 200:
-                    raise aiohttp.ClientError(f"session {r.status}")
-                body = await r.json()
-                self.token, self.visitor = body["token"], body["visitor_id"]
-        ws = await http.ws_connect(f"{base_url}/webchat/ws?token={self.token}")
-        try:
-            await self._next_frame(ws, "history")
-            # Resend everything not acknowledged yet, with the same client ids, in order.
-            for cid, text in list(zip(self.client_ids, self.texts, strict=True))[len(self.acked) :]:
-                await ws.send_json({"type": "message", "client_id": cid, "text": text})
-                ack = await self._next_frame(ws, "ack", cid)
-                assert ack["client_id"] == cid
-                self.acked.append(cid)
-                await asyncio.sleep(self.pause)  # a person types; spreads the load over the kills
-        finally:
-            await ws.close()
-
-    @staticmethod
-    async def _next_frame(
-        ws: aiohttp.ClientWebSocketResponse, kind: str, cid: str | None = None
-    ) -> dict[str, object]:
-        while True:
-            msg = await ws.receive(timeout=10)
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                raise ConnectionError(f"socket ended: {msg.type}")
-            frame = json.loads(msg.data)
-            assert frame["type"] != "error", frame
-            if frame["type"] == kind and (cid is None or frame.get("client_id") == cid):
-                return dict(frame)
+        await self.send_all(lambda: base_url, http)
 
 
 async def _kill_loop(proc: ServiceProcess, kills: int, done: asyncio.Event) -> int:

@@ -31,7 +31,7 @@ import aiohttp
 import pytest
 
 from controller.keys import READY
-from controller.testing import Service, ServiceProcess
+from controller.testing import ResendingVisitor, Service, ServiceProcess, next_frame
 from controller.testing import test_settings as settings_for
 from controller.testing_graph import FakeGraph, MetaSender, change, envelope, text_message
 
@@ -121,25 +121,17 @@ class Cluster:
             proc.terminate()
 
 
-class Visitor:
+class Visitor(ResendingVisitor):
     """A web chat visitor who resends unacknowledged messages on reconnect, to any process."""
 
     def __init__(self, n: int) -> None:
-        self.texts = [f"{WORDS[(n + i) % len(WORDS)]} #{n}.{i}" for i in range(3)]
-        self.client_ids = [secrets.token_hex(8) for _ in self.texts]
-        self.acked: list[str] = []
-        self.token: str | None = None
-        self.visitor: str | None = None
-        self.pause = random.uniform(0.1, 0.8)
+        texts = [f"{WORDS[(n + i) % len(WORDS)]} #{n}.{i}" for i in range(3)]
+        super().__init__(texts, pause=random.uniform(0.1, 0.8))
         self.start = random.uniform(0.0, SPREAD)
 
     async def run(self, cluster: Cluster, http: aiohttp.ClientSession) -> None:
         await asyncio.sleep(self.start)  # arrivals spread over the kills
-        while len(self.acked) < len(self.texts):
-            try:
-                await self._attempt(cluster.any_url(), http)
-            except (aiohttp.ClientError, ConnectionError, TimeoutError):
-                await asyncio.sleep(0.05)
+        await self.send_all(cluster.any_url, http)
 
     async def leave(self, cluster: Cluster, http: aiohttp.ClientSession) -> None:
         """Open the page once more, then close it: the service sees the visitor leave (its
@@ -148,31 +140,12 @@ class Visitor:
             try:
                 ws = await http.ws_connect(f"{cluster.any_url()}/webchat/ws?token={self.token}")
                 try:
-                    await _next_frame(ws, "history")
+                    await next_frame(ws, "history")
                 finally:
                     await ws.close()
                 return
             except (aiohttp.ClientError, ConnectionError, TimeoutError):
                 await asyncio.sleep(0.05)
-
-    async def _attempt(self, base_url: str, http: aiohttp.ClientSession) -> None:
-        if self.token is None:
-            async with http.post(base_url + "/webchat/session") as r:
-                if r.status != 200:
-                    raise aiohttp.ClientError(f"session {r.status}")
-                body = await r.json()
-                self.token, self.visitor = body["token"], body["visitor_id"]
-        ws = await http.ws_connect(f"{base_url}/webchat/ws?token={self.token}")
-        try:
-            await _next_frame(ws, "history")
-            for cid, text in list(zip(self.client_ids, self.texts, strict=True))[len(self.acked) :]:
-                await ws.send_json({"type": "message", "client_id": cid, "text": text})
-                ack = await _next_frame(ws, "ack", cid)
-                assert ack["client_id"] == cid
-                self.acked.append(cid)
-                await asyncio.sleep(self.pause)  # a person types; spreads the load over kills
-        finally:
-            await ws.close()
 
 
 class WhatsAppUser:
@@ -199,19 +172,6 @@ class WhatsAppUser:
                     pass
                 await asyncio.sleep(0.05)  # Meta redelivers
             await asyncio.sleep(self.pause)
-
-
-async def _next_frame(
-    ws: aiohttp.ClientWebSocketResponse, kind: str, cid: str | None = None
-) -> dict[str, Any]:
-    while True:
-        msg = await ws.receive(timeout=10)
-        if msg.type != aiohttp.WSMsgType.TEXT:
-            raise ConnectionError(f"socket ended: {msg.type}")
-        frame = json.loads(msg.data)
-        assert frame["type"] != "error", frame
-        if frame["type"] == kind and (cid is None or frame.get("client_id") == cid):
-            return dict(frame)
 
 
 @pytest.fixture
@@ -404,12 +364,8 @@ async def test_three_processes_survive_kills_and_lose_or_double_nothing(
     assert not await db.fetchval("SELECT COUNT(*) FROM outbox WHERE status <> 'done'")
 
 
-async def test_a_socket_on_one_process_gets_what_another_process_decided(
-    tmp_path: Path, database: tuple[str, str, Any]
-) -> None:
-    """Fan-out: the visitor's conversation is decided by process A (it holds the lease), the
-    visitor's socket is on process B now; B pushes what A delivered."""
-    url, schema, db = database
+async def _two_services(tmp_path: Path, url: str, schema: str) -> tuple[Service, Service]:
+    """Two in-process services, ``a`` and ``b``, on one PostgreSQL schema."""
     services = []
     for name in ("a", "b"):
         settings = settings_for(
@@ -420,7 +376,16 @@ async def test_a_socket_on_one_process_gets_what_another_process_decided(
             cluster_heartbeat_timeout=TIMEOUT,
         )
         services.append(await Service(settings).start())
-    a, b = services
+    return services[0], services[1]
+
+
+async def test_a_socket_on_one_process_gets_what_another_process_decided(
+    tmp_path: Path, database: tuple[str, str, Any]
+) -> None:
+    """Fan-out: the visitor's conversation is decided by process A (it holds the lease), the
+    visitor's socket is on process B now; B pushes what A delivered."""
+    url, schema, db = database
+    services = a, b = await _two_services(tmp_path, url, schema)
     try:
         on_a = await a.customer()
         cid = await on_a.start_with_bot("hi")
@@ -451,17 +416,7 @@ async def test_a_process_taken_for_dead_loses_its_conversations_to_the_living(
     with new tokens. Whatever A still holds in memory, the conversation's next events are
     decided once, under B's lease, and the answers still reach the visitor's socket on A."""
     url, schema, db = database
-    services = []
-    for name in ("a", "b"):
-        settings = settings_for(
-            tmp_path / name,
-            database_url=url,
-            database_schema=schema,
-            cluster_heartbeat_interval=INTERVAL,
-            cluster_heartbeat_timeout=TIMEOUT,
-        )
-        services.append(await Service(settings).start())
-    a, b = services
+    services = a, b = await _two_services(tmp_path, url, schema)
     a_id, b_id = a.app[READY]["process_id"], b.app[READY]["process_id"]
     try:
         visitor = await a.customer()
