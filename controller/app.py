@@ -5,6 +5,7 @@ Each long-lived resource is one ``cleanup_ctx`` generator: set up, yield, tear d
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -81,6 +82,8 @@ from controller.worker import Workers
 
 log = structlog.get_logger(__name__)
 
+# At a stop, how long the decisions in flight may take before the workers are cancelled.
+FINISH_DECISIONS_TIMEOUT = 10.0
 DEMO_AGENTS = (AgentSeed(id="alice", name="Alice"), AgentSeed(id="bob", name="Bob"))
 
 
@@ -112,6 +115,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None) -> web.Applica
     app.cleanup_ctx.append(_connectors_ctx)
     app.cleanup_ctx.append(_running_ctx)
     app.cleanup_ctx.append(_campaigns_ctx)
+    app.on_shutdown.append(_stopping)
     _add_connector_routes(app)
     return app
 
@@ -205,6 +209,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = await open_store(settings)
     app[STORE] = store
+    app[METRICS].watch_pool(store)  # PostgreSQL: the connection pool's gauges
     yield
     await store.close()
 
@@ -226,7 +231,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[APPS] = AppRegistry(store, clock)
     await registry.load()
     calendar = settings.calendar()
-    cluster = app[CLUSTER] = _cluster(settings, store)
+    cluster = app[CLUSTER] = _cluster(settings, store, metrics)
     workers = Workers(
         store,
         rules.current,
@@ -242,7 +247,14 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         leases=cluster,
     )
     app[WORKERS] = workers
-    app[INBOX] = Inbox(store, clock, metrics, workers.notify)
+    app[INBOX] = Inbox(
+        store,
+        clock,
+        metrics,
+        workers.notify,
+        first_contact_notices=registry.first_contact_notices,
+        notices_written=lambda: app[DISPATCHER].wake(),  # the dispatcher is made below
+    )
     dispatcher = Dispatcher(
         store,
         clock,
@@ -371,12 +383,26 @@ async def _running_ctx(app: web.Application) -> AsyncIterator[None]:
         rules_version=app[RULES].current().version,
     )
     yield
+    # Stopping (SIGTERM): not ready (``on_shutdown`` said so already), no new events in, the
+    # decisions in flight finish; with other processes the conversations are handed over.
     app[READY]["ready"] = False
     await app[DESK].close_all()
     for connector in reversed(started):
         await connector.stop()
     if cluster is not None:
+        await cluster.hand_over(app[WORKERS].wait_idle, FINISH_DECISIONS_TIMEOUT)
         await cluster.stop()
+    else:
+        try:
+            async with asyncio.timeout(FINISH_DECISIONS_TIMEOUT):
+                await app[WORKERS].wait_idle()
+        except TimeoutError:
+            log.warning("decisions_unfinished_at_stop", timeout=FINISH_DECISIONS_TIMEOUT)
+
+
+async def _stopping(app: web.Application) -> None:
+    """The first step of a shutdown: readiness goes false before anything stops."""
+    app[READY].update(ready=False, stopping=True)
 
 
 async def _campaigns_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -389,7 +415,7 @@ async def _campaigns_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 # several processes (PostgreSQL) --------------------------------------------------------------
-def _cluster(settings: Settings, store: Store) -> Cluster | None:
+def _cluster(settings: Settings, store: Store, metrics: Metrics) -> Cluster | None:
     """This process among others sharing the database; None on SQLite (one process)."""
     from controller.store.postgres import PostgresStore
 
@@ -399,6 +425,7 @@ def _cluster(settings: Settings, store: Store) -> Cluster | None:
         store,
         heartbeat_interval=settings.cluster_heartbeat_interval,
         heartbeat_timeout=settings.cluster_heartbeat_timeout,
+        metrics=metrics,
     )
 
 

@@ -206,6 +206,18 @@ class AppRegistry:
             }
         )
 
+    def first_contact_notices(self) -> ProfileNotices | None:
+        """Who hears ``profile.created`` for the anonymous customer a channel's first contact
+        makes (the inbox's hook, on every submit): None, after one dictionary look-up, when
+        nobody does — then the store's accept does nothing extra."""
+        subscribed = self._index.get("profile.created")
+        if not subscribed:
+            return None
+        apps = tuple(
+            a for a in subscribed if self._can(a, EVENTS_SCOPE) and self._can(a, PROFILE_SCOPE)
+        )
+        return ProfileNotices({"profile.created": apps}) if apps else None
+
     def _can(self, app_id: str, scope: str) -> bool:
         app = self._apps.get(app_id)
         return app is not None and app.enabled and bool(app.webhook_url) and scope in app.scopes

@@ -16,6 +16,10 @@ process that took its conversations.
   are told at once. A process finds the conversations it was given by its sweep (owned in the
   database, unknown in memory); the first undecided event of each is decided by the reference
   evaluator, as at a restart.
+- **Hand-over.** A process that stops cleanly (SIGTERM) decides nothing new, lets the
+  decisions in flight finish, then releases its leases and its timer claims in one
+  transaction and tells the others (``handover``), who sweep at once: its conversations are
+  decided elsewhere from their next event on, without waiting for a heartbeat timeout.
 - **Singletons.** The router (agents, queues, offers) and the campaign runner run in one
   process only, the holder of a session advisory lock on the listening connection; when that
   process dies, its connection ends, the lock is free and another process takes the role.
@@ -34,6 +38,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from controller.metrics import Metrics
 from controller.store.base import TimerRow
 
 log = structlog.get_logger(__name__)
@@ -65,6 +70,8 @@ class ClusterStore(Protocol):
 
     async def release_dead_processes(self, timeout: float) -> list[str]: ...
 
+    async def hand_over(self) -> int: ...
+
     async def acquire_lease(self, conversation_id: str) -> tuple[str, int]: ...
 
     async def release_lease(self, conversation_id: str) -> None: ...
@@ -92,8 +99,10 @@ class Cluster:
         *,
         heartbeat_interval: float,
         heartbeat_timeout: float,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self.process_id = store.process_id
         self._interval = heartbeat_interval
         self._timeout = heartbeat_timeout
@@ -106,6 +115,9 @@ class Cluster:
         self._singletons: list[tuple[Step, Step]] = []
         self.leader = False
         self.takeovers = 0
+        self.handovers = 0  # other processes' clean stops this process heard of
+        self.leaving = False  # stopping: no new decisions here (``hand_over``)
+        self._handed_over = False  # another process left: wake the pollers after the sweep
         self._link: Link | None = None
         self._task: asyncio.Task[None] | None = None
         self._beat: asyncio.Task[None] | None = None
@@ -181,10 +193,38 @@ class Cluster:
             await self._link.close()
             self._link = None
 
+    async def hand_over(self, finish: Step, timeout: float) -> int:
+        """Leaving cleanly: decide nothing new, wait (at most ``timeout`` seconds) for
+        ``finish`` — the decisions in flight —, then release this process's leases and timer
+        claims and tell the others, who take the conversations from their next event on.
+        Returns how many leases were released. The process stays registered (its outbox
+        deliveries finish) until the store closes."""
+        self.leaving = True
+        try:
+            async with asyncio.timeout(timeout):
+                await finish()
+        except TimeoutError:
+            # A decision still running commits nothing now: its lease is gone (fencing).
+            log.warning("hand_over_decisions_unfinished", timeout=timeout)
+        try:
+            released = await self._store.hand_over()
+        except Exception:
+            # The database is away: the others take the work over by the heartbeat timeout.
+            log.exception("hand_over_failed", leases=len(self.owned))
+            return 0
+        self.owned.clear()
+        if self._metrics is not None:
+            self._metrics.cluster_leases_handed_over.inc(released)
+        log.info("conversations_handed_over", leases=released, process_id=self.process_id)
+        return released
+
     # leases --------------------------------------------------------------------------------
     async def lease(self, conversation_id: str) -> int | None:
         """The fencing token to decide the conversation with, or None when another process
-        holds its lease (that process has been told there is work)."""
+        holds its lease (that process has been told there is work) or this process is
+        leaving (the others will be told)."""
+        if self.leaving:
+            return None
         token = self.owned.get(conversation_id)
         if token is not None:
             return token
@@ -217,6 +257,15 @@ class Cluster:
                 self._work([str(conversation)])
         elif kind == "takeover":
             self._sweep_now.set()
+        elif kind == "handover":
+            if message.get("from") != self.process_id:
+                # Another process left cleanly: its conversations are free to take now.
+                self.handovers += 1
+                self._handed_over = True
+                if self._metrics is not None:
+                    self._metrics.cluster_takeovers.labels("handover").inc()
+                log.info("process_handed_over", gone=message.get("from"))
+                self._sweep_now.set()
         elif isinstance(kind, str) and kind in self._handlers:
             self._inbox.put_nowait(message)
 
@@ -272,9 +321,12 @@ class Cluster:
         dead = await self._store.release_dead_processes(self._timeout)
         if dead:
             self.takeovers += len(dead)
+            if self._metrics is not None:
+                self._metrics.cluster_takeovers.labels("dead").inc(len(dead))
             log.warning("processes_taken_over", dead=dead)
+        released, self._handed_over = self._handed_over, False
         found = await self._sweep()
-        if dead:
+        if dead or released:
             for hook in self._after_takeover:
                 hook()
         if self._link is None or self._link.closed:

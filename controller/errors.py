@@ -105,3 +105,13 @@ class BotError(ConnectorError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class StoreUnavailable(RequestError):
+    """The database cannot be reached now (stopped, restarting, connection cut): the request
+    is refused with a 503 and may be sent again; work in progress is retried."""
+
+    retryable = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="database_unavailable", status=503)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # What an offer can become; ``offered`` counts offers made.
 OFFER_OUTCOMES = ("offered", "accepted", "declined", "expired", "cancelled")
@@ -161,4 +166,78 @@ class Metrics:
             "The rules version in force (value 1)",
             ["version"],
             registry=r,
+        )
+        # Several processes (controller/cluster.py): how this process took work over from
+        # another, ``dead`` (heartbeat timeout) or ``handover`` (the other left cleanly).
+        self.cluster_takeovers = Counter(
+            "convctl_cluster_takeovers",
+            "Other processes whose work this process took part in, by how they went "
+            "(dead: heartbeat timeout; handover: a clean stop released it)",
+            ["how"],
+            registry=r,
+        )
+        for how in ("dead", "handover"):
+            self.cluster_takeovers.labels(how)
+        self.cluster_leases_handed_over = Counter(
+            "convctl_cluster_leases_handed_over",
+            "Conversation leases this process released when it stopped",
+            registry=r,
+        )
+        self._pool_watched = False
+
+    def watch_pool(self, source: object) -> None:
+        """Export the database connection pool of ``source`` (a store with ``pool_stats``,
+        the PostgreSQL one) at every scrape; other stores have no pool and export nothing."""
+        stats = getattr(source, "pool_stats", None)
+        if stats is None or self._pool_watched:
+            return
+        self.registry.register(_PoolCollector(stats))
+        self._pool_watched = True
+
+
+class PoolSnapshot(Protocol):
+    size: int
+    idle: int
+    min_size: int
+    max_size: int
+    waiting: int
+    acquires: int
+    wait_seconds: float
+    wait_bounds: tuple[float, ...]
+    wait_buckets: tuple[int, ...]
+
+
+class _PoolCollector(Collector):
+    """Reads the pool when scraped (its numbers change on every query, no need to follow)."""
+
+    def __init__(self, stats: Callable[[], PoolSnapshot | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected at scrape time only
+
+    def collect(self) -> Iterable[Metric]:
+        s = self._stats()
+        if s is None:
+            return
+        for name, text, value in (
+            ("convctl_db_pool_size", "Connections open in the database pool", s.size),
+            ("convctl_db_pool_idle", "Pool connections open and idle", s.idle),
+            ("convctl_db_pool_in_use", "Pool connections in use", s.size - s.idle),
+            ("convctl_db_pool_min", "Connections the pool keeps open at least", s.min_size),
+            ("convctl_db_pool_max", "Connections the pool opens at most", s.max_size),
+            ("convctl_db_pool_waiting", "Callers waiting for a pool connection now", s.waiting),
+        ):
+            yield GaugeMetricFamily(name, text, value=value)
+        buckets: list[tuple[str, float]] = []
+        seen = 0
+        for bound, count in zip(s.wait_bounds, s.wait_buckets, strict=True):
+            seen += count
+            buckets.append((repr(bound), seen))
+        buckets.append(("+Inf", s.acquires))
+        yield HistogramMetricFamily(
+            "convctl_db_pool_acquire_seconds",
+            "Time spent waiting for a connection from the database pool",
+            buckets=buckets,
+            sum_value=s.wait_seconds,
         )

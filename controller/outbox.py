@@ -9,6 +9,7 @@ destination never overtake each other; a slow or failing destination never block
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -19,7 +20,7 @@ from typing import Protocol
 import structlog
 
 from controller.clock import Clock, sleep_until_woken
-from controller.errors import ConvctlError
+from controller.errors import ConvctlError, StoreUnavailable
 from controller.metrics import Metrics
 from controller.store.base import Committed, DecisionRecord, OutboxRow, Store
 
@@ -99,6 +100,7 @@ class Dispatcher:
         self._lane_tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._blocked: set[tuple[str, str]] = set()
         self._chores: set[asyncio.Future[None]] = set()
+        self._stopping = False  # bookkeeping stops waiting for the database
         self._claiming = False
         self._rng = random.Random()
         self._confirmations: dict[str, StatusConfirmations] = {}
@@ -225,7 +227,7 @@ class Dispatcher:
     async def _release(self, ids: list[int]) -> None:
         """Hand rows back to the store and wake the poller: they are due now, and it may be
         asleep until a later deadline computed before they existed."""
-        await self._store.outbox_release(ids)
+        await self._book(functools.partial(self._store.outbox_release, ids))
         self._wake.set()
 
     async def wait_quiet(self) -> bool:
@@ -254,6 +256,7 @@ class Dispatcher:
         self._task = asyncio.create_task(self._loop(), name="outbox")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -289,6 +292,19 @@ class Dispatcher:
             return
         await sleep_until_woken(self._clock, deadline, self._wake)
 
+    async def _book(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Record what became of a claimed row, waiting for the database if it is away: the
+        outcome is known only here, and a row left claimed would stay so (and block its lane)
+        while this process lives."""
+        while True:
+            try:
+                return await write()
+            except StoreUnavailable:
+                if self._stopping:  # the row stays claimed; the store's close releases it
+                    raise
+                log.warning("outbox_bookkeeping_waits_for_database")
+                await asyncio.sleep(0.5)  # real time: the database, not the service clock
+
     def _background(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._chores.add(task)
@@ -313,7 +329,7 @@ class Dispatcher:
                     self._blocked.add(key)
                     rest = [r.id for r, _ in lane]
                     lane.clear()
-                    await self._store.outbox_release(rest)
+                    await self._book(functools.partial(self._store.outbox_release, rest))
                     self._wake.set()  # the released rows are the poller's now
                 elif (
                     stored
@@ -376,7 +392,7 @@ class Dispatcher:
                 if isinstance(asked, (int, float)) and asked > delay:
                     delay = float(asked)
                 at = self._clock.now() + timedelta(seconds=delay)
-                await self._store.outbox_retry(row.id, at, error)
+                await self._book(lambda: self._store.outbox_retry(row.id, at, error))
                 self._metrics.outbox_retries.labels(prefix).inc()
                 log.warning(
                     "outbox_retry",
@@ -386,7 +402,7 @@ class Dispatcher:
                     retry_in=round(delay, 3),
                 )
             else:
-                await self._store.outbox_dead(row.id, error)
+                await self._book(lambda: self._store.outbox_dead(row.id, error))
                 self._metrics.outbox_dead.labels(prefix).inc()
                 log.error(
                     "outbox_dead", destination=row.destination, attempts=attempts, error=error
@@ -397,7 +413,7 @@ class Dispatcher:
             return False
         finally:
             structlog.contextvars.unbind_contextvars("conversation_id")
-        await self._store.outbox_done(row.id)
+        await self._book(lambda: self._store.outbox_done(row.id))
         self.delivered += 1
         self._metrics.outbox_sent.labels(prefix).inc()
         return True

@@ -470,6 +470,7 @@ async def _bulk_flush(
     )
     _delivered(request, notices)
     profiles = request.app[CUSTOMERS]
+    told: list[NewEvent] = []
     for outcome in outcomes:
         if outcome.outcome == "failed":
             report.fail(outcome.line, outcome.code or "failed", outcome.message or "")
@@ -477,7 +478,15 @@ async def _bulk_flush(
         report.counts[outcome.outcome] += 1
         if outcome.record is not None and outcome.outcome != "unchanged":
             profiles.written(outcome.record)
+            # A bulk line's customer is known (it has a CRM id): an update, as its
+            # profile.updated notification says.
+            told += [
+                _customer_event(outcome.record, "customer.updated", conversation_id)
+                for conversation_id in outcome.conversations
+            ]
     batch.clear()
+    if told:  # after the cache holds the new records: the rules read them
+        await _tell(request.app, told)
 
 
 class _Batches:
@@ -701,18 +710,49 @@ async def _announce(
     crash in between loses the event; the next event of the conversation still sees the
     profile, since facts are read at decide time).
     """
-    for conversation_id in await app[STORE].customer_open_conversations(record.id):
-        event = NewEvent(
-            type=kind,  # type: ignore[arg-type]
-            source="customers",
-            dedupe_key=f"{record.id}:{dedupe or f'v{record.version}'}:{kind}:{conversation_id}",
-            conversation_id=conversation_id,
-            data={"customer_id": record.id, "known": record.known, **(data or {})},
-        )
+    await _tell(
+        app,
+        [
+            _customer_event(record, kind, conversation_id, dedupe=dedupe, data=data)
+            for conversation_id in await app[STORE].customer_open_conversations(record.id)
+        ],
+    )
+
+
+def _customer_event(
+    record: CustomerRecord,
+    kind: str,
+    conversation_id: str,
+    *,
+    dedupe: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> NewEvent:
+    """A customer change as an event of one of its conversations, deduplicated per
+    customer version (or ``dedupe``), type and conversation."""
+    return NewEvent(
+        type=kind,  # type: ignore[arg-type]
+        source="customers",
+        dedupe_key=f"{record.id}:{dedupe or f'v{record.version}'}:{kind}:{conversation_id}",
+        conversation_id=conversation_id,
+        data={"customer_id": record.id, "known": record.known, **(data or {})},
+    )
+
+
+async def _tell(app: web.Application, events: list[NewEvent]) -> None:
+    """Submit customer events: all in one inbox transaction, or, when one is refused (its
+    conversation closed meanwhile, which rolls that transaction back), one by one."""
+    if len(events) > 1:
+        try:
+            await app[INBOX].submit(events)
+        except RequestError as exc:
+            log.info("customer_events_one_by_one", events=len(events), refused=exc.code)
+        else:
+            return
+    for event in events:
         try:
             await app[INBOX].submit([event])
-        except RequestError as exc:  # the conversation closed meanwhile
-            log.info("customer_event_not_stored", kind=kind, refused=exc.code)
+        except RequestError as exc:  # this conversation closed meanwhile
+            log.info("customer_event_not_stored", kind=event.type, refused=exc.code)
 
 
 def routes() -> list[web.RouteDef]:

@@ -3,6 +3,8 @@
 ``/healthz`` says the process answers. ``/readyz`` says it can do its work: recovery is done
 and the database answers a small query within ``READY_DB_TIMEOUT`` seconds; a load balancer
 stops sending traffic to a process whose database is gone, and sends it again once it is back.
+A stopping process (SIGTERM) is not ready from the first step of its shutdown on
+(``stopping``), while it finishes its decisions and hands its conversations over.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[READY]
     if not state.get("ready"):
-        return web.json_response({"status": "starting"}, status=503)
+        status = "stopping" if state.get("stopping") else "starting"
+        return web.json_response({"status": status}, status=503)
     try:
         async with asyncio.timeout(READY_DB_TIMEOUT):
             await request.app[STORE].outbox_next_due()  # one indexed read

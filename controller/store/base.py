@@ -210,13 +210,19 @@ class Store(abc.ABC):
 
     # inbox -------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def accept(self, events: Sequence[NewEvent], now: datetime) -> list[Accepted]:
+    async def accept(
+        self, events: Sequence[NewEvent], now: datetime, *, notify: Notify | None = None
+    ) -> list[Accepted]:
         """Store events once per (source, dedupe_key), in one transaction.
 
         An event without ``conversation_id`` is placed in the open conversation of its
         (channel instance, endpoint, identity), which is created (with a
         ``conversation.created`` event before it) when there is none. Raises NotFound for an
         unknown conversation id and Conflict for a closed one.
+
+        A first contact that creates an anonymous customer calls ``notify`` (if given) with a
+        ``created`` change inside the same transaction, like every customer write: its
+        notification rows commit or roll back with the events.
         """
 
     @abc.abstractmethod
@@ -500,7 +506,7 @@ class Store(abc.ABC):
         another customer) changes nothing and is reported; a line equal to the stored
         profile is ``unchanged`` (so the same file twice changes nothing). A line that
         would create a customer without every key of ``required_custom`` fails with
-        ``invalid_custom``."""
+        ``invalid_custom``. Updated lines carry their customer's open conversations."""
 
     @abc.abstractmethod
     async def merge_customers(
@@ -765,13 +771,16 @@ class CustomerRecord:
 
 @dataclass(frozen=True, slots=True)
 class BulkOutcome:
-    """What one bulk line did: created, updated, unchanged or failed (with code, message)."""
+    """What one bulk line did: created, updated, unchanged or failed (with code, message).
+    ``conversations``: the open conversations of an updated line's customer, read in the
+    write's transaction (they are told of the change after the commit)."""
 
     line: int
     outcome: str
     record: CustomerRecord | None
     code: str | None = None
     message: str | None = None
+    conversations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,12 +24,16 @@ together do not race.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import hashlib
 import json
 import os
 import re
 import socket
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
@@ -45,6 +49,7 @@ from controller.errors import (
     NotFound,
     PreconditionFailed,
     RequestError,
+    StoreUnavailable,
 )
 from controller.ids import new_id
 from controller.models import Conversation, Event, NewEvent
@@ -113,6 +118,7 @@ _HEAD_OF_LANE = (
     "AND p.conversation_id = o.conversation_id AND p.destination = o.destination AND p.id < o.id)"
 )
 _ATTEMPTS = 8  # runs of one transaction that keeps losing races (each loss means progress)
+_SETTLE_TRIES = 120  # half seconds to learn whether a commit cut off by an outage went through
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 # Heartbeats and leases are dated by the database's clock: one clock for every machine.
 _DB_NOW = "extract(epoch FROM clock_timestamp())::double precision"
@@ -122,12 +128,52 @@ class _Race(Exception):
     """Another transaction stored the same row first: run this one again."""
 
 
+# Upper bounds (seconds) of the pool's acquire-wait histogram.
+POOL_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The connection pool now, and how long callers waited for a connection so far.
+    ``wait_buckets[i]`` counts the acquires that waited at most ``POOL_WAIT_BUCKETS[i]``
+    (not cumulative, bounds ``wait_bounds``); ``acquires`` counts them all."""
+
+    size: int
+    idle: int
+    min_size: int
+    max_size: int
+    waiting: int
+    acquires: int
+    wait_seconds: float
+    wait_bounds: tuple[float, ...]
+    wait_buckets: tuple[int, ...]
+
+
 _RETRY = (
     _Race,
     asyncpg.exceptions.UniqueViolationError,
     asyncpg.exceptions.DeadlockDetectedError,
     asyncpg.exceptions.SerializationError,
 )
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable | None:
+    """The database cannot be reached (stopped, restarting, the connection cut): a 503 the
+    caller may retry, not a bug. None for any other failure."""
+    lost = isinstance(
+        exc,
+        OSError
+        | asyncpg.PostgresConnectionError  # class 08 (and the connection closed under a query)
+        | asyncpg.exceptions.OperatorInterventionError  # 57: shutdown, starting up, cancelled
+        | asyncpg.exceptions.TooManyConnectionsError
+        # a pooled connection the server cut between two queries ("another operation is in
+        # progress"); the pool drops it when it comes back
+        | asyncpg.exceptions.InternalClientError,
+    ) or (isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc))
+    if not lost:
+        return None
+    log.warning("database_unavailable", error=f"{type(exc).__name__}: {exc}"[:300])
+    return StoreUnavailable("the database is unavailable; try again shortly")
 
 
 def _ts(value: datetime) -> float:
@@ -297,6 +343,10 @@ class PostgresStore(Store):
         self._min_size = min_size
         self._max_size = max(max_size, min_size)
         self._pool: asyncpg.Pool | None = None
+        self._waiting = 0  # callers waiting for a connection now
+        self._acquires = 0
+        self._wait_seconds = 0.0
+        self._wait_buckets = [0] * (len(POOL_WAIT_BUCKETS) + 1)  # the last: above them all
         # This process, as the others sharing the database know it (processes table); its
         # claims and leases carry this id. Registered at open, removed at close.
         self.process_id = new_id("pr")
@@ -398,31 +448,77 @@ class PostgresStore(Store):
         assert self._pool is not None, "store is not open"
         return self._pool
 
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Conn]:
+        """A pooled connection; the time spent waiting for it is counted (``pool_stats``)."""
+        pool = self._need_pool()
+        started = time.perf_counter()
+        self._waiting += 1
+        try:
+            conn = await pool.acquire()
+        finally:
+            self._waiting -= 1
+        waited = time.perf_counter() - started
+        self._acquires += 1
+        self._wait_seconds += waited
+        self._wait_buckets[bisect.bisect_left(POOL_WAIT_BUCKETS, waited)] += 1
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
+
+    def pool_stats(self) -> PoolStats | None:
+        """The connection pool for the metrics; None while the store is not open."""
+        pool = self._pool
+        if pool is None:
+            return None
+        return PoolStats(
+            size=pool.get_size(),
+            idle=pool.get_idle_size(),
+            min_size=pool.get_min_size(),
+            max_size=pool.get_max_size(),
+            waiting=self._waiting,
+            acquires=self._acquires,
+            wait_seconds=self._wait_seconds,
+            wait_bounds=POOL_WAIT_BUCKETS,
+            wait_buckets=tuple(self._wait_buckets[: len(POOL_WAIT_BUCKETS)]),
+        )
+
     async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction; again (from the start) if it lost a race."""
-        pool = self._need_pool()
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                async with pool.acquire() as conn, conn.transaction():
+                async with self._conn() as conn, conn.transaction():
                     return await fn(conn)
             except _RETRY as exc:
                 if attempt == _ATTEMPTS:
                     raise
                 log.debug("postgres_transaction_retried", reason=type(exc).__name__)
+            except Exception as exc:
+                if (refusal := _unavailable(exc)) is not None:
+                    raise refusal from exc
+                raise
         raise AssertionError("unreachable")
 
     async def _read(self, fn: Callable[[Conn], Awaitable[T]], *, consistent: bool = False) -> T:
         """Run ``fn`` on a pooled connection; ``consistent``: every query sees one snapshot."""
-        async with self._need_pool().acquire() as conn:
-            if not consistent:
-                return await fn(conn)
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                return await fn(conn)
+        try:
+            async with self._conn() as conn:
+                if not consistent:
+                    return await fn(conn)
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    return await fn(conn)
+        except Exception as exc:
+            if (refusal := _unavailable(exc)) is not None:
+                raise refusal from exc
+            raise
 
     # inbox -------------------------------------------------------------------------------
-    async def accept(self, events: Sequence[NewEvent], now: datetime) -> list[Accepted]:
+    async def accept(
+        self, events: Sequence[NewEvent], now: datetime, *, notify: Notify | None = None
+    ) -> list[Accepted]:
         async def run(conn: Conn) -> list[Accepted]:
-            return [await _accept_one(conn, ev, now) for ev in events]
+            return [await _accept_one(conn, ev, now, notify=notify) for ev in events]
 
         return await self._tx(run)
 
@@ -531,7 +627,43 @@ class PostgresStore(Store):
         return await self._read(run)
 
     async def commit_decision(self, record: DecisionRecord, now: datetime) -> Committed:
-        return await self._tx(lambda conn: _commit_decision(conn, record, now, self.process_id))
+        try:
+            return await self._tx(lambda conn: _commit_decision(conn, record, now, self.process_id))
+        except StoreUnavailable:
+            # The connection may have ended after the server committed: the outcome is
+            # unknown, and the rows the decision inserted are claimed by this process, which
+            # nobody else delivers while it lives. Once the database answers, look.
+            committed = await self._settle_commit(record.event.id)
+            if committed is None:
+                raise
+            log.warning("decision_commit_confirmed_after_reconnect", rows=len(committed.outbox))
+            return committed
+
+    async def _settle_commit(self, event_id: str) -> Committed | None:
+        """After a commit whose answer was lost: the decision's outbox rows still claimed by
+        this process (to deliver as usual) if the decision is stored, None if it is not (or
+        the database stays away for ``_SETTLE_TRIES`` half seconds). Its emitted events are
+        pending in the store: the cluster's sweep wakes the workers for them."""
+
+        async def run(conn: Conn) -> Committed | None:
+            if not await conn.fetchval("SELECT 1 FROM decisions WHERE event_id = $1", event_id):
+                return None
+            rows = await conn.fetch(
+                "SELECT * FROM outbox WHERE event_id = $1 AND status = 'pending' AND claimed "
+                "AND claimed_by = $2 ORDER BY id",
+                event_id,
+                self.process_id,
+            )
+            return Committed([], [_outbox_row(r) for r in rows])
+
+        for _ in range(_SETTLE_TRIES):
+            await asyncio.sleep(0.5)
+            try:
+                return await self._read(run)
+            except StoreUnavailable:
+                continue
+        log.error("decision_commit_unknown", event_id=event_id)
+        return None
 
     async def messages(self, conversation_id: str, *, include_agent_only: bool) -> list[Message]:
         async def run(conn: Conn) -> list[Message]:
@@ -875,6 +1007,26 @@ class PostgresStore(Store):
                 self.process_id,
             )
         )
+
+    async def hand_over(self) -> int:
+        """Leaving cleanly (the decisions in flight are done): give up every lease of this
+        process and its claims of timers not fired yet, and tell the others (``handover``)
+        so they sweep for the work at once. Returns how many leases were given up. The
+        process stays registered until ``close`` (its outbox deliveries finish first)."""
+
+        async def run(conn: Conn) -> int:
+            released = await conn.execute(
+                "DELETE FROM conversation_leases WHERE owner = $1", self.process_id
+            )
+            await conn.execute(
+                "UPDATE timers SET claimed_by = NULL WHERE claimed_by = $1", self.process_id
+            )
+            count = _rowcount(released)
+            message = {"kind": "handover", "from": self.process_id, "leases": count}
+            await conn.execute("SELECT pg_notify($1, $2)", self.channel, _json(message))
+            return count
+
+        return await self._tx(run)
 
     async def pending_work(self) -> list[tuple[str, str, int | None]]:
         """Conversations with undecided events that this process owns or nobody owns:
@@ -1426,7 +1578,7 @@ class PostgresStore(Store):
                     outcomes.append(BulkOutcome(number, "failed", None, code, message))
                     continue
                 outcomes.append(BulkOutcome(number, outcome, record))
-            return outcomes
+            return await _with_open_conversations(conn, outcomes)
 
         return await self._tx(run)
 
@@ -2310,7 +2462,12 @@ async def _load_conversation(conn: Conn, conversation_id: str) -> Conversation |
 
 
 async def _accept_one(
-    conn: Conn, ev: NewEvent, now: datetime, *, allow_closed: bool = False
+    conn: Conn,
+    ev: NewEvent,
+    now: datetime,
+    *,
+    allow_closed: bool = False,
+    notify: Notify | None = None,
 ) -> Accepted:
     found = await conn.fetchrow(
         "SELECT id, conversation_id, seq FROM events WHERE source = $1 AND dedupe_key = $2",
@@ -2344,7 +2501,7 @@ async def _accept_one(
             ev.endpoint,
             ev.identity,
         )
-        conversation_id = open_id or await _open_conversation(conn, ev, now)
+        conversation_id = open_id or await _open_conversation(conn, ev, now, notify)
     return await _insert_event(conn, conversation_id, ev, now)
 
 
@@ -2375,7 +2532,9 @@ async def _insert_event(conn: Conn, conversation_id: str, ev: NewEvent, now: dat
     return Accepted(event_id, conversation_id, int(seq), duplicate=False)
 
 
-async def _open_conversation(conn: Conn, ev: NewEvent, now: datetime) -> str:
+async def _open_conversation(
+    conn: Conn, ev: NewEvent, now: datetime, notify: Notify | None = None
+) -> str:
     assert ev.instance and ev.endpoint and ev.identity and ev.channel
     identity_key = f"{ev.instance}:{ev.endpoint}:{ev.identity}"
     # The customer: by the first contact's key, else by the channel identity (a profile the
@@ -2411,6 +2570,11 @@ async def _open_conversation(conn: Conn, ev: NewEvent, now: datetime) -> str:
             customer_id,
             _ts(now),
         )
+        if notify is not None:  # only when someone hears profile.created
+            record = await _customer(conn, customer_id)
+            assert record is not None
+            change = CustomerChange("created", customer_id, record.version, now, record)
+            await _notify(conn, notify, change)
     previous = await conn.fetchval(
         "SELECT id FROM conversations WHERE instance = $1 AND endpoint = $2 AND identity = $3 "
         "ORDER BY created_at DESC LIMIT 1",
@@ -2718,6 +2882,27 @@ async def _customer_schema(conn: Conn, version: int | None) -> CustomerSchema | 
             version,
         )
     return CustomerSchema(row[0], json.loads(row[1]), _dt(row[2])) if row else None
+
+
+async def _with_open_conversations(conn: Conn, outcomes: list[BulkOutcome]) -> list[BulkOutcome]:
+    """Updated lines with their customers' open conversations: one query per batch, none
+    when no line changed a customer."""
+    updated = {o.record.id for o in outcomes if o.outcome == "updated" and o.record is not None}
+    if not updated:
+        return outcomes
+    found: dict[str, list[str]] = {}
+    for row in await conn.fetch(
+        "SELECT customer_id, id FROM conversations WHERE NOT closed "
+        "AND customer_id = ANY($1::text[]) ORDER BY created_at",
+        sorted(updated),
+    ):
+        found.setdefault(row[0], []).append(row[1])
+    return [
+        replace(o, conversations=tuple(found[o.record.id]))
+        if o.outcome == "updated" and o.record is not None and o.record.id in found
+        else o
+        for o in outcomes
+    ]
 
 
 async def _notify(conn: Conn, notify: Notify | None, change: CustomerChange) -> None:

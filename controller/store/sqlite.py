@@ -15,6 +15,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -285,9 +286,11 @@ class SqliteStore(Store):
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, conn)
 
     # inbox -------------------------------------------------------------------------------
-    async def accept(self, events: Sequence[NewEvent], now: datetime) -> list[Accepted]:
+    async def accept(
+        self, events: Sequence[NewEvent], now: datetime, *, notify: Notify | None = None
+    ) -> list[Accepted]:
         def run(conn: sqlite3.Connection) -> list[Accepted]:
-            return [_accept_one(conn, ev, now) for ev in events]
+            return [_accept_one(conn, ev, now, notify=notify) for ev in events]
 
         return await self._write(run)
 
@@ -1082,7 +1085,7 @@ class SqliteStore(Store):
                     continue
                 conn.execute("RELEASE bulk_line")
                 outcomes.append(BulkOutcome(number, outcome, record))
-            return outcomes
+            return _with_open_conversations(conn, outcomes)
 
         return await self._write(run)
 
@@ -1931,7 +1934,12 @@ def _load_conversation(conn: sqlite3.Connection, conversation_id: str) -> Conver
 
 
 def _accept_one(
-    conn: sqlite3.Connection, ev: NewEvent, now: datetime, *, allow_closed: bool = False
+    conn: sqlite3.Connection,
+    ev: NewEvent,
+    now: datetime,
+    *,
+    allow_closed: bool = False,
+    notify: Notify | None = None,
 ) -> Accepted:
     found = conn.execute(
         "SELECT id, conversation_id, seq FROM events WHERE source = ? AND dedupe_key = ?",
@@ -1960,7 +1968,7 @@ def _accept_one(
             "AND closed = 0",
             (ev.instance, ev.endpoint, ev.identity),
         ).fetchone()
-        conversation_id = row[0] if row else _open_conversation(conn, ev, now)
+        conversation_id = row[0] if row else _open_conversation(conn, ev, now, notify)
     return _insert_event(conn, conversation_id, ev, now)
 
 
@@ -1995,7 +2003,9 @@ def _profile_name(ev: NewEvent) -> str | None:
     return name.strip()[:256] or None if isinstance(name, str) else None
 
 
-def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) -> str:
+def _open_conversation(
+    conn: sqlite3.Connection, ev: NewEvent, now: datetime, notify: Notify | None = None
+) -> str:
     assert ev.instance and ev.endpoint and ev.identity and ev.channel
     identity_key = f"{ev.instance}:{ev.endpoint}:{ev.identity}"
     # The customer: by the first contact's key, else by the channel identity (a profile the
@@ -2022,6 +2032,11 @@ def _open_conversation(conn: sqlite3.Connection, ev: NewEvent, now: datetime) ->
             "VALUES (?, ?, ?, ?)",
             (ident.kind, ident.value, customer_id, _ts(now)),
         )
+        if notify is not None:  # only when someone hears profile.created
+            record = _customer(conn, customer_id)
+            assert record is not None
+            change = CustomerChange("created", customer_id, record.version, now, record)
+            _notify(conn, notify, change)
     else:
         customer_id = row[0]
     previous = conn.execute(
@@ -2372,6 +2387,29 @@ def _check_required(changes: Mapping[str, Any], required_custom: Collection[str]
         raise RequestError(
             f"custom field {missing[0]!r} is required", code="invalid_custom", status=422
         )
+
+
+def _with_open_conversations(
+    conn: sqlite3.Connection, outcomes: list[BulkOutcome]
+) -> list[BulkOutcome]:
+    """Updated lines with their customers' open conversations: one query per batch (it walks
+    the open conversations' partial index), none when no line changed a customer."""
+    updated = {o.record.id for o in outcomes if o.outcome == "updated" and o.record is not None}
+    if not updated:
+        return outcomes
+    found: dict[str, list[str]] = {}
+    for customer_id, conversation_id in conn.execute(
+        "SELECT customer_id, id FROM conversations WHERE closed = 0 "
+        "AND customer_id IN (SELECT value FROM json_each(?)) ORDER BY created_at",
+        (json.dumps(sorted(updated)),),
+    ):
+        found.setdefault(customer_id, []).append(conversation_id)
+    return [
+        replace(o, conversations=tuple(found[o.record.id]))
+        if o.outcome == "updated" and o.record is not None and o.record.id in found
+        else o
+        for o in outcomes
+    ]
 
 
 def _notify(conn: sqlite3.Connection, notify: Notify | None, change: CustomerChange) -> None:

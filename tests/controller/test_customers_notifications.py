@@ -117,6 +117,7 @@ async def test_every_kind_of_change_is_a_signed_notification(
         [
             ("profile.created", ann["id"]),
             ("profile.updated", ann["id"]),
+            ("profile.created", conv.customer_id),  # the first contact's anonymous customer
             ("profile.identified", conv.customer_id),
             ("profile.merged", ann["id"]),
             ("profile.created", bob["id"]),
