@@ -80,6 +80,19 @@ def postgres_test_schema(tmp_path: Path) -> str:
     return schema
 
 
+def postgres_url_or_skip() -> str:
+    """``CONVCTL_TEST_DATABASE_URL`` for a PostgreSQL test; without it the test is skipped,
+    or fails when ``CI=true`` (CI must run them)."""
+    import pytest  # a test dependency: only tests call this
+
+    url = os.environ.get("CONVCTL_TEST_DATABASE_URL", "")
+    if not url:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CONVCTL_TEST_DATABASE_URL is not set: PostgreSQL tests must run in CI")
+        pytest.skip("CONVCTL_TEST_DATABASE_URL is not set (scripts/test sets up PostgreSQL)")
+    return url
+
+
 async def drop_postgres_test_schemas(schemas: Collection[str] | None = None) -> None:
     """Drop the schemas tests made (all of them, or ``schemas``)."""
     names = sorted(_test_schemas if schemas is None else set(schemas) & _test_schemas)

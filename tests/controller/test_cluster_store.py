@@ -8,7 +8,6 @@ Each test opens two or three ``PostgresStore`` on one schema: each is one proces
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -20,18 +19,10 @@ from controller.errors import Conflict
 from controller.models import Conversation, Event, NewEvent
 from controller.store.base import DecisionRecord, NewOutbox, TimerOp
 from controller.store.postgres import PostgresStore
+from controller.testing import postgres_url_or_skip
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 TIMEOUT = 5.0
-
-
-def _postgres_url() -> str:
-    url = os.environ.get("CONVCTL_TEST_DATABASE_URL", "")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CONVCTL_TEST_DATABASE_URL is not set: PostgreSQL tests must run in CI")
-        pytest.skip("CONVCTL_TEST_DATABASE_URL is not set (scripts/test sets up PostgreSQL)")
-    return url
 
 
 Open = Callable[[], Awaitable[PostgresStore]]
@@ -42,7 +33,7 @@ async def process() -> AsyncIterator[Open]:
     """Open another process (a store with its own registration) on one shared schema."""
     import asyncpg
 
-    url = _postgres_url()
+    url = postgres_url_or_skip()
     schema = f"convctl_c_{secrets.token_hex(6)}"
     opened: list[PostgresStore] = []
 

@@ -23,7 +23,7 @@ import random
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +31,22 @@ import aiohttp
 import pytest
 
 from controller.keys import READY
-from controller.testing import ResendingVisitor, Service, ServiceProcess, next_frame
+from controller.testing import (
+    ResendingVisitor,
+    Service,
+    ServiceProcess,
+    next_frame,
+    postgres_url_or_skip,
+)
 from controller.testing import test_settings as settings_for
-from controller.testing_graph import FakeGraph, MetaSender, change, envelope, text_message
+from controller.testing_graph import (
+    FakeGraph,
+    GraphRequest,
+    MetaSender,
+    change,
+    envelope,
+    text_message,
+)
 
 VISITORS = int(os.environ.get("CONVCTL_MULTI_CONVERSATIONS", "60"))
 WA_USERS = max(1, VISITORS // 2)
@@ -48,15 +61,6 @@ BOUND = TIMEOUT + 2 * INTERVAL
 TAKEOVER_WAIT = BOUND + 20.0
 SPREAD = 3.0 * KILLS  # seconds over which clients arrive (a kill and a restart take ~3 s)
 NUMBER, WA_TOKEN, SECRET, VERIFY = "1065432100", "EAAG-multi-token", "multi-secret", "multi-v"
-
-
-def _postgres_url() -> str:
-    url = os.environ.get("CONVCTL_TEST_DATABASE_URL", "")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CONVCTL_TEST_DATABASE_URL is not set: PostgreSQL tests must run in CI")
-        pytest.skip("CONVCTL_TEST_DATABASE_URL is not set (scripts/test sets up PostgreSQL)")
-    return url
 
 
 class Cluster:
@@ -179,7 +183,7 @@ async def database() -> AsyncIterator[tuple[str, str, Any]]:
     """The test database URL, a fresh schema and a connection that reads it."""
     import asyncpg
 
-    url = _postgres_url()
+    url = postgres_url_or_skip()
     schema = f"convctl_m_{secrets.token_hex(6)}"
     admin = await asyncpg.connect(url)
     await admin.execute(f'CREATE SCHEMA "{schema}"')
@@ -286,7 +290,36 @@ async def test_three_processes_survive_kills_and_lose_or_double_nothing(
     assert pending_timers > 0, "no timer was pending at the last kill"
     print(f"takeover after SIGKILL (s): {[round(t, 2) for t in takeovers]} (bound {BOUND} s)")
 
-    # 1. Every acknowledged message is stored once and decided once.
+    # 1-4. Every acknowledged message stored and decided once, in order, one bot request and
+    #      answer each; a second WhatsApp send only for a row a killed process had in flight.
+    await check_decided_once(db, visitors, wa_users, sends, messages_each=3)
+
+    # 5. The grace timers fired (on any process, pending ones taken over at the last kill),
+    #    and nothing is left to a process that is gone.
+    closed = await db.fetch(
+        "SELECT snapshot->>'close_reason' AS reason FROM conversations WHERE instance = 'webchat'"
+    )
+    assert {r["reason"] for r in closed} == {"customer_left"}
+    assert not await db.fetchval(
+        "SELECT COUNT(*) FROM conversation_leases WHERE owner NOT IN (SELECT id FROM processes)"
+    )
+    assert not await db.fetchval("SELECT COUNT(*) FROM outbox WHERE status <> 'done'")
+
+
+async def check_decided_once(
+    db: Any,
+    visitors: Sequence[Any],
+    wa_users: Sequence[Any],
+    sends: list[GraphRequest],
+    *,
+    messages_each: int,
+) -> None:
+    """What the tests that kill processes or the database check in the store: every
+    acknowledged message (``visitors``: web chat, with ``visitor``, ``client_ids`` and
+    ``texts``; ``wa_users``: with ``wa_id`` and ``texts``) stored once and decided once;
+    decisions of each conversation in sequence; one bot request and one bot answer per
+    customer message; each WhatsApp answer sent to Graph (``sends``) once, twice only for a
+    row whose claim was released as unsure."""
     for v in visitors:
         rows = await db.fetch(
             "SELECT dedupe_key, status FROM events WHERE source = 'webchat:webchat' "
@@ -306,15 +339,11 @@ async def test_three_processes_survive_kills_and_lose_or_double_nothing(
         assert {r["status"] for r in rows} == {"decided"}
     decided = await db.fetchval("SELECT COUNT(*) FROM events WHERE status <> 'pending'")
     assert decided == await db.fetchval("SELECT COUNT(*) FROM decisions")
-
-    # 2. Per conversation, decisions follow the sequence: no gap, no repeat, in order.
     seqs: dict[str, list[int]] = defaultdict(list)
     for r in await db.fetch("SELECT conversation_id, seq FROM decisions ORDER BY decided_at, seq"):
         seqs[r["conversation_id"]].append(r["seq"])
     for cid, order in seqs.items():
         assert order == list(range(1, len(order) + 1)), (cid, order)
-
-    # 3. One bot request and one bot answer per customer message: nothing doubled in effect.
     per_conv = await db.fetch(
         "SELECT c.id, "
         "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id "
@@ -322,11 +351,25 @@ async def test_three_processes_survive_kills_and_lose_or_double_nothing(
         "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id "
         " AND m.sender_role = 'bot') AS bot, "
         "(SELECT COUNT(*) FROM outbox o WHERE o.conversation_id = c.id "
-        " AND o.destination = 'bot:demo') AS requests FROM conversations c"
+        " AND o.destination LIKE 'bot:%') AS requests FROM conversations c"
     )
-    assert sum(r["customer"] for r in per_conv) == 3 * (VISITORS + WA_USERS)
+    assert sum(r["customer"] for r in per_conv) == messages_each * (len(visitors) + len(wa_users))
     for r in per_conv:
-        assert r["customer"] == r["bot"] == r["requests"], dict(r)
+        if not r["customer"] == r["bot"] == r["requests"]:
+            story = await db.fetch(
+                "SELECT e.seq, e.type, e.status, d.outcome, d.matcher, e.source "
+                "FROM events e LEFT JOIN decisions d ON d.event_id = e.id "
+                "WHERE e.conversation_id = $1 ORDER BY e.seq",
+                r["id"],
+            )
+            rows = await db.fetch(
+                "SELECT destination, status, attempts, last_error FROM outbox "
+                "WHERE conversation_id = $1 ORDER BY id",
+                r["id"],
+            )
+            raise AssertionError(
+                f"{dict(r)}: {[tuple(x) for x in story]} {[tuple(x) for x in rows]}"
+            )
     for v in visitors:
         texts = [
             r["text"]
@@ -337,9 +380,6 @@ async def test_three_processes_survive_kills_and_lose_or_double_nothing(
             )
         ]
         assert texts == v.texts
-
-    # 4. Every WhatsApp answer reached Graph; a second send only for a row that a killed
-    #    process had in flight (marked unsure when its claim was released).
     rows = await db.fetch(
         "SELECT c.identity, COUNT(*) AS rows, COUNT(*) FILTER (WHERE o.unsure > 0) AS unsure "
         "FROM outbox o JOIN conversations c ON c.id = o.conversation_id "
@@ -351,17 +391,6 @@ async def test_three_processes_survive_kills_and_lose_or_double_nothing(
     assert {r["identity"] for r in rows} == {u.wa_id for u in wa_users}
     for r in rows:
         assert r["rows"] <= sent_to[r["identity"]] <= r["rows"] + r["unsure"], dict(r)
-
-    # 5. The grace timers fired (on any process, pending ones taken over at the last kill),
-    #    and nothing is left to a process that is gone.
-    closed = await db.fetch(
-        "SELECT snapshot->>'close_reason' AS reason FROM conversations WHERE instance = 'webchat'"
-    )
-    assert {r["reason"] for r in closed} == {"customer_left"}
-    assert not await db.fetchval(
-        "SELECT COUNT(*) FROM conversation_leases WHERE owner NOT IN (SELECT id FROM processes)"
-    )
-    assert not await db.fetchval("SELECT COUNT(*) FROM outbox WHERE status <> 'done'")
 
 
 async def _two_services(tmp_path: Path, url: str, schema: str) -> tuple[Service, Service]:

@@ -7,7 +7,6 @@ The PostgreSQL tests are skipped without CONVCTL_TEST_DATABASE_URL (fails when C
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,17 +28,9 @@ from controller.testing import (
     WebChatClient,
     drop_postgres_test_schemas,
     postgres_test_schema,
-    postgres_test_url,
+    postgres_url_or_skip,
 )
 from controller.testing import test_settings as settings_for
-
-
-def _postgres_url() -> str:
-    if not os.environ.get("CONVCTL_TEST_DATABASE_URL"):
-        if os.environ.get("CI") == "true":
-            pytest.fail("CONVCTL_TEST_DATABASE_URL is not set: PostgreSQL tests must run in CI")
-        pytest.skip("CONVCTL_TEST_DATABASE_URL is not set (scripts/test sets up PostgreSQL)")
-    return postgres_test_url()
 
 
 async def _scrape(service: Service) -> dict[str, float]:
@@ -59,7 +50,7 @@ async def _scrape(service: Service) -> dict[str, float]:
 async def test_metrics_show_the_connection_pool(tmp_path: Path) -> None:
     settings = settings_for(
         tmp_path,
-        database_url=_postgres_url(),
+        database_url=postgres_url_or_skip(),
         database_schema=postgres_test_schema(tmp_path),
         database_pool_min=2,
         database_pool_max=6,
@@ -183,7 +174,7 @@ async def test_sigterm_hands_the_conversations_over_at_once(tmp_path: Path) -> N
     heartbeat timeout is far longer than the test waits. Nothing lost, nothing doubled."""
     import asyncpg
 
-    url = _postgres_url()
+    url = postgres_url_or_skip()
     schema = f"convctl_h_{secrets.token_hex(6)}"
     admin = await asyncpg.connect(url)
     await admin.execute(f'CREATE SCHEMA "{schema}"')
@@ -317,7 +308,7 @@ async def test_hand_over_releases_leases_and_timer_claims_and_tells_the_others(
     told; B then takes the conversations with new tokens."""
     import asyncpg
 
-    url = _postgres_url()
+    url = postgres_url_or_skip()
     schema = f"convctl_o_{secrets.token_hex(6)}"
     a = PostgresStore(url, schema=schema, min_size=1, max_size=3)
     b = PostgresStore(url, schema=schema, min_size=1, max_size=3)

@@ -8,7 +8,6 @@ are skipped on a developer machine and fail when ``CI=true``.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -40,17 +39,9 @@ from controller.store.base import (
     TimerOp,
 )
 from controller.store.sqlite import SqliteStore
+from controller.testing import postgres_url_or_skip
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-
-def _postgres_url() -> str:
-    url = os.environ.get("CONVCTL_TEST_DATABASE_URL", "")
-    if not url:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CONVCTL_TEST_DATABASE_URL is not set: PostgreSQL tests must run in CI")
-        pytest.skip("CONVCTL_TEST_DATABASE_URL is not set (scripts/test sets up PostgreSQL)")
-    return url
 
 
 async def _drop_schema(url: str, schema: str) -> None:
@@ -73,7 +64,7 @@ async def make_store(
         return
     from controller.store.postgres import PostgresStore
 
-    url = _postgres_url()
+    url = postgres_url_or_skip()
     schema = f"convctl_s_{secrets.token_hex(6)}"
     try:
         yield lambda: PostgresStore(url, schema=schema, min_size=1, max_size=8)
@@ -1226,7 +1217,7 @@ async def test_campaign_outcomes_never_move_a_recipient_back(store: Store) -> No
 async def test_postgres_processes_starting_together_migrate_once() -> None:
     from controller.store.postgres import PostgresStore
 
-    url = _postgres_url()
+    url = postgres_url_or_skip()
     schema = f"convctl_s_{secrets.token_hex(6)}"
     stores = [PostgresStore(url, schema=schema, max_size=2) for _ in range(4)]
     try:

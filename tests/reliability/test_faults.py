@@ -39,6 +39,7 @@ import pytest
 from controller.testing import ServiceProcess
 from controller.testing_graph import FakeGraph, MetaSender, change, envelope, text_message
 from controller.testing_pg import PrivatePostgres, postgres_bin
+from tests.controller.test_multiprocess import check_decided_once
 
 VISITORS = int(os.environ.get("CONVCTL_FAULT_CONVERSATIONS", "12"))
 WA_USERS = max(1, VISITORS // 2)
@@ -355,67 +356,7 @@ async def _check_store(
     """Every acknowledged message stored once and decided once, in order, one bot request
     and one answer each; WhatsApp answers sent once (a second send only for rows the store
     marked unsure); no dead letter."""
-    for v in visitors:
-        rows = await db.fetch(
-            "SELECT dedupe_key, status FROM events WHERE source = 'webchat:webchat' "
-            "AND type = 'customer.message' AND dedupe_key LIKE $1 ORDER BY seq",
-            f"{v.visitor}:%",
-        )
-        assert [r["dedupe_key"] for r in rows] == [f"{v.visitor}:{c}" for c in v.client_ids]
-        assert {r["status"] for r in rows} == {"decided"}
-    for u in wa_users:
-        rows = await db.fetch(
-            "SELECT e.data->>'text' AS text, e.status FROM events e "
-            "JOIN conversations c ON c.id = e.conversation_id WHERE c.instance = 'whatsapp' "
-            "AND c.identity = $1 AND e.type = 'customer.message' ORDER BY e.seq",
-            u.wa_id,
-        )
-        assert [r["text"] for r in rows] == u.texts
-        assert {r["status"] for r in rows} == {"decided"}
-    decided = await db.fetchval("SELECT COUNT(*) FROM events WHERE status <> 'pending'")
-    assert decided == await db.fetchval("SELECT COUNT(*) FROM decisions")
-    seqs: dict[str, list[int]] = defaultdict(list)
-    for r in await db.fetch("SELECT conversation_id, seq FROM decisions ORDER BY decided_at, seq"):
-        seqs[r["conversation_id"]].append(r["seq"])
-    for cid, order in seqs.items():
-        assert order == list(range(1, len(order) + 1)), (cid, order)
-    per_conv = await db.fetch(
-        "SELECT c.id, "
-        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id "
-        " AND m.sender_role = 'customer') AS customer, "
-        "(SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id "
-        " AND m.sender_role = 'bot') AS bot, "
-        "(SELECT COUNT(*) FROM outbox o WHERE o.conversation_id = c.id "
-        " AND o.destination LIKE 'bot:%') AS requests FROM conversations c"
-    )
-    assert sum(r["customer"] for r in per_conv) == MESSAGES * (len(visitors) + len(wa_users))
-    for r in per_conv:
-        if not r["customer"] == r["bot"] == r["requests"]:
-            story = await db.fetch(
-                "SELECT e.seq, e.type, e.status, d.outcome, d.matcher, e.source "
-                "FROM events e LEFT JOIN decisions d ON d.event_id = e.id "
-                "WHERE e.conversation_id = $1 ORDER BY e.seq",
-                r["id"],
-            )
-            rows = await db.fetch(
-                "SELECT destination, status, attempts, last_error FROM outbox "
-                "WHERE conversation_id = $1 ORDER BY id",
-                r["id"],
-            )
-            raise AssertionError(
-                f"{dict(r)}: {[tuple(x) for x in story]} {[tuple(x) for x in rows]}"
-            )
-    rows = await db.fetch(
-        "SELECT c.identity, COUNT(*) AS rows, COUNT(*) FILTER (WHERE o.unsure > 0) AS unsure "
-        "FROM outbox o JOIN conversations c ON c.id = o.conversation_id "
-        "WHERE o.destination = 'channel:whatsapp' AND o.status = 'done' GROUP BY c.identity"
-    )
-    sent_to: dict[str, int] = defaultdict(int)
-    for request in graph.sent():
-        sent_to[str(request.json["to"])] += 1
-    assert {r["identity"] for r in rows} == {u.wa_id for u in wa_users}
-    for r in rows:
-        assert r["rows"] <= sent_to[r["identity"]] <= r["rows"] + r["unsure"], dict(r)
+    await check_decided_once(db, visitors, wa_users, graph.sent(), messages_each=MESSAGES)
     dead = await db.fetch("SELECT destination, last_error FROM outbox WHERE status <> 'done'")
     assert not dead, [dict(r) for r in dead]
 
