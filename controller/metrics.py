@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from controller.store.base import PoolStats
 
 # What an offer can become; ``offered`` counts offers made.
 OFFER_OUTCOMES = ("offered", "accepted", "declined", "expired", "cancelled")
@@ -195,22 +196,10 @@ class Metrics:
         self._pool_watched = True
 
 
-class PoolSnapshot(Protocol):
-    size: int
-    idle: int
-    min_size: int
-    max_size: int
-    waiting: int
-    acquires: int
-    wait_seconds: float
-    wait_bounds: tuple[float, ...]
-    wait_buckets: tuple[int, ...]
-
-
 class _PoolCollector(Collector):
     """Reads the pool when scraped (its numbers change on every query, no need to follow)."""
 
-    def __init__(self, stats: Callable[[], PoolSnapshot | None]) -> None:
+    def __init__(self, stats: Callable[[], PoolStats | None]) -> None:
         self._stats = stats
 
     def describe(self) -> Iterable[Metric]:

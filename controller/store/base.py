@@ -28,6 +28,27 @@ class Accepted:
     duplicate: bool
 
 
+# Upper bounds (seconds) of the pool's acquire-wait histogram.
+POOL_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """The connection pool now, and how long callers waited for a connection so far.
+    ``wait_buckets[i]`` counts the acquires that waited at most ``POOL_WAIT_BUCKETS[i]``
+    (not cumulative, bounds ``wait_bounds``); ``acquires`` counts them all."""
+
+    size: int
+    idle: int
+    min_size: int
+    max_size: int
+    waiting: int
+    acquires: int
+    wait_seconds: float
+    wait_bounds: tuple[float, ...]
+    wait_buckets: tuple[int, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class NewOutbox:
     destination: str

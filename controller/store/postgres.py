@@ -33,7 +33,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
@@ -55,6 +55,7 @@ from controller.ids import new_id
 from controller.models import Conversation, Event, NewEvent
 from controller.store.base import (
     IDENTITY_FIELDS,
+    POOL_WAIT_BUCKETS,
     PROFILE_FIELDS,
     Accepted,
     AgentRecord,
@@ -81,6 +82,7 @@ from controller.store.base import (
     OptOut,
     OutboxEntry,
     OutboxRow,
+    PoolStats,
     ProviderMessage,
     QueuedConversation,
     Replay,
@@ -126,27 +128,6 @@ _DB_NOW = "extract(epoch FROM clock_timestamp())::double precision"
 
 class _Race(Exception):
     """Another transaction stored the same row first: run this one again."""
-
-
-# Upper bounds (seconds) of the pool's acquire-wait histogram.
-POOL_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    """The connection pool now, and how long callers waited for a connection so far.
-    ``wait_buckets[i]`` counts the acquires that waited at most ``POOL_WAIT_BUCKETS[i]``
-    (not cumulative, bounds ``wait_bounds``); ``acquires`` counts them all."""
-
-    size: int
-    idle: int
-    min_size: int
-    max_size: int
-    waiting: int
-    acquires: int
-    wait_seconds: float
-    wait_bounds: tuple[float, ...]
-    wait_buckets: tuple[int, ...]
 
 
 _RETRY = (

@@ -20,6 +20,7 @@ from controller.models import Conversation, Event, NewEvent
 from controller.store.base import DecisionRecord, NewOutbox, TimerOp
 from controller.store.postgres import PostgresStore
 from controller.testing import postgres_url_or_skip
+from tests.controller.test_store import message
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 TIMEOUT = 5.0
@@ -72,19 +73,6 @@ async def _die(store: PostgresStore) -> None:
     )
 
 
-def _message(identity: str) -> NewEvent:
-    return NewEvent(
-        type="customer.message",
-        source="webchat:webchat",
-        dedupe_key=secrets.token_hex(6),
-        channel="webchat",
-        instance="webchat",
-        endpoint="web",
-        identity=identity,
-        data={"text": "hi"},
-    )
-
-
 async def _first_pending(store: PostgresStore, cid: str) -> tuple[Conversation, Event]:
     conv, events = await store.load_for_decision(cid)
     assert conv is not None and events
@@ -116,7 +104,7 @@ async def test_processes_register_heartbeat_and_leave(process: Open) -> None:
 async def test_one_lease_per_conversation_and_the_owner_is_told(process: Open) -> None:
     a = await process()
     b = await process()
-    [acc] = await a.accept([_message("v1")], T0)
+    [acc] = await a.accept([message("v1")], T0)
     cid = acc.conversation_id
     told: list[dict[str, Any]] = []
     got = asyncio.Event()
@@ -157,7 +145,7 @@ async def test_takeover_fences_the_dead_and_hands_out_its_work(process: Open) ->
     cids = []
     tokens = {}
     for n in range(6):
-        [acc] = await a.accept([_message(f"v{n}")], T0)
+        [acc] = await a.accept([message(f"v{n}")], T0)
         cids.append(acc.conversation_id)
         _, tokens[acc.conversation_id] = await a.acquire_lease(acc.conversation_id)
     # One decision with an outbox row and a timer; the row is claimed (in flight) by a.
@@ -210,7 +198,7 @@ async def test_takeover_fences_the_dead_and_hands_out_its_work(process: Open) ->
 async def test_rows_wait_behind_older_rows_of_their_lane_held_elsewhere(process: Open) -> None:
     a = await process()
     b = await process()
-    [acc] = await a.accept([_message("v1")], T0)
+    [acc] = await a.accept([message("v1")], T0)
     cid = acc.conversation_id
     conv, event = await _first_pending(a, cid)
     first = await a.commit_decision(
@@ -218,7 +206,7 @@ async def test_rows_wait_behind_older_rows_of_their_lane_held_elsewhere(process:
     )
     assert len(first.outbox) == 1  # claimed by a, for its fast path
     # b decides the next event (say a took over): its row must not overtake a's.
-    await a.accept([NewEvent(**{**_message("v1").model_dump(), "dedupe_key": "k2"})], T0)
+    await a.accept([NewEvent(**{**message("v1").model_dump(), "dedupe_key": "k2"})], T0)
     conv, event = await _first_pending(b, cid)
     second = await b.commit_decision(
         _record(conv, event, None, outbox=[NewOutbox("bot:demo", {"n": 2})]), T0

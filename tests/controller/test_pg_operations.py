@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controller.errors import Conflict
 from controller.keys import READY
-from controller.models import NewEvent
 from controller.store.base import Committed, DecisionRecord
 from controller.store.factory import open_store
 from controller.store.postgres import PostgresStore
@@ -31,20 +30,7 @@ from controller.testing import (
     postgres_url_or_skip,
 )
 from controller.testing import test_settings as settings_for
-
-
-async def _scrape(service: Service) -> dict[str, float]:
-    """The samples of /metrics by name and labels, e.g. ``x_bucket{le="+Inf"}``."""
-    assert service.http is not None
-    async with service.http.get(service.base_url + "/metrics") as r:
-        assert r.status == 200
-        text = await r.text()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
+from tests.controller.test_store import message
 
 
 async def test_metrics_show_the_connection_pool(tmp_path: Path) -> None:
@@ -59,7 +45,7 @@ async def test_metrics_show_the_connection_pool(tmp_path: Path) -> None:
     try:
         visitor = await service.customer()
         await visitor.start_with_bot("hi")  # a conversation decided: queries went through
-        m = await _scrape(service)
+        m = await _metrics_of(service.base_url)
     finally:
         await service.stop()
         await drop_postgres_test_schemas([settings.database_schema or ""])
@@ -84,7 +70,7 @@ async def test_metrics_show_the_connection_pool(tmp_path: Path) -> None:
 async def test_sqlite_exports_no_pool(service: Service) -> None:
     if service.settings.database_url:
         pytest.skip("the service runs on PostgreSQL here")
-    m = await _scrape(service)
+    m = await _metrics_of(service.base_url)
     assert "convctl_db_pool_size" not in m
     assert m['convctl_cluster_takeovers_total{how="handover"}'] == 0
 
@@ -325,7 +311,7 @@ async def test_hand_over_releases_leases_and_timer_claims_and_tells_the_others(
     try:
         cids, tokens = [], []
         for n in range(2):
-            [acc] = await a.accept([_message(f"v{n}")], T0)
+            [acc] = await a.accept([message(f"v{n}")], T0)
             cids.append(acc.conversation_id)
             owner, token = await a.acquire_lease(acc.conversation_id)
             assert owner == a.process_id
@@ -372,19 +358,6 @@ async def test_hand_over_releases_leases_and_timer_claims_and_tells_the_others(
 
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-
-def _message(identity: str) -> NewEvent:
-    return NewEvent(
-        type="customer.message",
-        source="webchat:webchat",
-        dedupe_key=secrets.token_hex(6),
-        channel="webchat",
-        instance="webchat",
-        endpoint="web",
-        identity=identity,
-        data={"text": "hi"},
-    )
 
 
 async def _sql(store: PostgresStore, sql: str, *args: Any) -> Any:
