@@ -15,7 +15,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from controller.keys import METRICS, READY, STORE
+from controller.keys import CLUSTER, METRICS, READY, STORE
 
 log = structlog.get_logger(__name__)
 
@@ -37,9 +37,11 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:  # any failure of the database means "not ready"
         log.warning("readiness_database_failed", error=f"{type(exc).__name__}: {exc}"[:300])
         return web.json_response({"status": "database_unavailable"}, status=503)
-    return web.json_response(
-        {"status": "ready", **{k: v for k, v in state.items() if k != "ready"}}
-    )
+    answer = {"status": "ready", **{k: v for k, v in state.items() if k != "ready"}}
+    cluster = request.app[CLUSTER]
+    if cluster is not None:  # several processes: agents' desks belong on the router's
+        answer["runs_router"] = cluster.leader
+    return web.json_response(answer)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -416,6 +416,17 @@ async def test_a_socket_on_one_process_gets_what_another_process_decided(
     url, schema, db = database
     services = a, b = await _two_services(tmp_path, url, schema)
     try:
+        # exactly one of them runs the router (once the first has taken the role), and says so
+        routers: list[bool] = []
+        async with asyncio.timeout(30):
+            while True not in routers:
+                routers = []
+                for svc in services:
+                    assert svc.http is not None
+                    async with svc.http.get(svc.base_url + "/readyz") as r:
+                        routers.append((await r.json())["runs_router"])
+                await asyncio.sleep(0.05)
+        assert sorted(routers) == [False, True]
         on_a = await a.customer()
         cid = await on_a.start_with_bot("hi")
         owner = await db.fetchval(
