@@ -1254,3 +1254,16 @@ def test_settings_choose_the_backend(tmp_path: Path) -> None:
         Settings(database_url="mysql://x")
     with pytest.raises(ValueError):
         Settings(database_url=url, database_schema="Bad-Name")
+
+
+async def test_concurrent_creates_with_one_external_id_make_one_customer(store: Store) -> None:
+    """Ten creates racing for one CRM id: one customer, nine 409 ``identity_taken`` (on
+    PostgreSQL the loser of the unique index is retried and then sees the winner)."""
+    results = await asyncio.gather(
+        *(store.create_customer({"external_id": "crm-race"}, (), T0) for _ in range(10)),
+        return_exceptions=True,
+    )
+    made = [r for r in results if isinstance(r, CustomerRecord)]
+    refused = [r for r in results if isinstance(r, Conflict)]
+    assert len(made) == 1 and len(refused) == 9, results
+    assert {r.code for r in refused} == {"identity_taken"}
