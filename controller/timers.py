@@ -32,6 +32,10 @@ ClaimTimers = Callable[[datetime, int], Awaitable[list[TimerRow]]]
 _CLAIM_BATCH = 200
 
 
+# Stale heap entries allowed beyond twice the pending timers before the heap is rebuilt.
+COMPACT_SLACK = 1024
+
+
 class Timers:
     def __init__(
         self,
@@ -102,7 +106,17 @@ class Timers:
         heapq.heappush(
             self._heap, (row.due_at.timestamp(), row.conversation_id, row.name, row.generation)
         )
+        if len(self._heap) > 2 * len(self._current) + COMPACT_SLACK:
+            self._compact()
         self._wake.set()
+
+    def _compact(self) -> None:
+        """Drop the heap's entries of timers restarted or cancelled since. They are skipped
+        lazily when due, but a timer restarted on every message (an idle timeout of hours)
+        would otherwise leave one entry per message until its old due time: memory that
+        grows with the message rate, not with the timers pending."""
+        self._heap = [e for e in self._heap if self._current.get((e[1], e[2])) == e[3]]
+        heapq.heapify(self._heap)
 
     async def _loop(self) -> None:
         while True:
